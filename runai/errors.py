@@ -1,0 +1,44 @@
+"""The errors a client can be told about, each with a stable machine-readable code.
+
+Clients branch on ``code``; ``message`` is for people. Keep codes stable: they are part
+of the protocol documented in the README.
+"""
+
+# Codes, in one place so that the README, the server and the client agree.
+BAD_ENCODING = "bad_encoding"  # the message is not UTF-8
+BAD_JSON = "bad_json"  # the message is not JSON, or not a JSON object
+UNKNOWN_ACTION = "unknown_action"
+BAD_REQUEST = "bad_request"  # a missing option, or one of the wrong type
+OUT_OF_RANGE = "out_of_range"  # an option outside its limits
+UNKNOWN_SCHEDULER = "unknown_scheduler"
+MODEL_NOT_FOUND = "model_not_found"
+PATH_OUTSIDE_MODEL_DIR = "path_outside_model_dir"
+MODEL_LOAD_FAILED = "model_load_failed"
+MESSAGE_TOO_LARGE = "message_too_large"
+QUEUE_FULL = "queue_full"
+NOT_FOUND = "not_found"  # cancel of a job this client does not have
+NOT_IMPLEMENTED = "not_implemented"
+CANCELLED = "cancelled"
+SHUTTING_DOWN = "shutting_down"
+OUT_OF_MEMORY = "out_of_memory"
+IDLE_TIMEOUT = "idle_timeout"  # half a message, then silence
+INTERNAL = "internal"
+
+
+class RunaiError(Exception):
+    """An error to report to the client as ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self):
+        return f"RunaiError({self.code!r}, {self.message!r})"
+
+
+class JobCancelled(RunaiError):
+    """Raised inside the worker when a job is cancelled; stops the pipeline at a step."""
+
+    def __init__(self, message="the job was cancelled"):
+        super().__init__(CANCELLED, message)

@@ -1,0 +1,162 @@
+"""The legacy runai packet framing, sans-IO: bytes in, events out.
+
+A message is UTF-8 JSON cut into packets of P bytes, the last one padded with NUL bytes,
+followed by one end-of-message (EOM) packet of P NUL bytes. Between messages, a packet of
+P ``x`` bytes asks the server to quit and one of P ``c`` bytes to cancel; inside a message
+the same bytes are data (the original server got this wrong). See
+``shared/reference/legacy-wire-format.md``.
+
+TCP may split or merge packets anywhere, so the decoder keeps one byte buffer and never
+assumes one read is one packet. No Twisted and no sockets here.
+"""
+
+from dataclasses import dataclass
+
+DEFAULT_PACKET_SIZE = 1024
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Message:
+    """A whole message, NUL padding stripped."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control packet seen between messages: ``"quit"`` or ``"cancel"``."""
+
+    kind: str
+
+
+QUIT = Control("quit")
+CANCEL = Control("cancel")
+
+
+class MessageTooLarge(Exception):
+    """The message being received has grown past the limit; the stream cannot be resynchronised."""
+
+    def __init__(self, size, limit):
+        super().__init__(f"message larger than {limit} bytes (at least {size} received)")
+        self.size = size
+        self.limit = limit
+
+
+def encode(payload, packet_size=DEFAULT_PACKET_SIZE):
+    """Frame ``payload``: whole packets, NUL padded, then the EOM packet.
+
+    An empty payload still takes one (all-NUL) data packet, as the Krita client pads
+    short messages to a full packet; the receiver sees an empty message either way.
+    """
+    if b"\x00" in payload[-1:]:
+        # Trailing NULs would be stripped by every receiver: refuse rather than corrupt.
+        raise ValueError("a payload must not end with a NUL byte")
+    padding = -len(payload) % packet_size
+    if not payload:
+        padding = packet_size
+    return b"".join((payload, bytes(padding), bytes(packet_size)))
+
+
+class Decoder:
+    """Reassembles messages and control packets from a byte stream.
+
+    Call :meth:`feed` with whatever bytes arrived; it returns the events that are now
+    complete. Linear in the bytes fed: the EOM search resumes where it stopped.
+    """
+
+    def __init__(self, packet_size=DEFAULT_PACKET_SIZE, max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+        if packet_size < 1:
+            raise ValueError("packet size must be positive")
+        self.packet_size = packet_size
+        self.max_message_size = max_message_size
+        # The most bytes a message within the limit can take, padding included.
+        self._max_padded = -(-max_message_size // packet_size) * packet_size
+        self._eom = bytes(packet_size)
+        self._quit = b"x" * packet_size
+        self._cancel = b"c" * packet_size
+        self._buffer = bytearray()
+        # Offset in the buffer from which no run of P NULs has been ruled out yet.
+        self._scan = 0
+        self._in_message = False
+        self._failed = False
+
+    @property
+    def buffered(self):
+        """Bytes of an incomplete packet or message held; 0 means the stream is between messages."""
+        return len(self._buffer)
+
+    @property
+    def in_message(self):
+        return self._in_message
+
+    def feed(self, data):
+        if self._failed:
+            raise MessageTooLarge(len(self._buffer), self.max_message_size)
+        self._buffer += data
+        events = []
+        while True:
+            event = self._next_event()
+            if event is None:
+                break
+            events.append(event)
+        return events
+
+    def _next_event(self):
+        size = self.packet_size
+        buffer = self._buffer
+        if not self._in_message:
+            if len(buffer) < size:
+                return None
+            first = bytes(buffer[:size])
+            if first == self._quit:
+                del buffer[:size]
+                return QUIT
+            if first == self._cancel:
+                del buffer[:size]
+                return CANCEL
+            if first == self._eom:
+                # A stray EOM between messages carries nothing; the old clients never send
+                # one, so skipping it is the most forgiving reading.
+                del buffer[:size]
+                return self._next_event()
+            self._in_message = True
+            self._scan = 0
+        return self._find_message_end()
+
+    def _find_message_end(self):
+        size = self.packet_size
+        buffer = self._buffer
+        while True:
+            start = buffer.find(self._eom, self._scan)
+            if start < 0:
+                # A run of P NULs could still begin in the last P-1 bytes.
+                self._scan = max(self._scan, len(buffer) - size + 1)
+                # Beyond the largest padded message plus a partial EOM: give up now, before
+                # buffering more of a message that will be refused anyway.
+                if len(buffer) > self._max_padded + size - 1:
+                    self._failed = True
+                    raise MessageTooLarge(len(buffer), self.max_message_size)
+                return None
+            # Padding NULs run straight into the EOM, so the EOM is the first packet
+            # boundary at or after the start of the run, if that packet is all NUL.
+            boundary = -(-start // size) * size
+            if boundary + size > len(buffer):
+                self._scan = start
+                return None
+            if buffer[boundary:boundary + size] == self._eom:
+                if boundary > self._max_padded:
+                    self._failed = True
+                    raise MessageTooLarge(boundary, self.max_message_size)
+                payload = bytes(buffer[:boundary]).rstrip(b"\x00")
+                del buffer[:boundary + size]
+                self._in_message = False
+                self._scan = 0
+                if len(payload) > self.max_message_size:
+                    self._failed = True
+                    raise MessageTooLarge(len(payload), self.max_message_size)
+                return Message(payload)
+            # The packet at the boundary holds a non-NUL byte, so no run of P NULs that
+            # starts before it can contain an aligned EOM: resume after the boundary. Runs
+            # are at least P apart, so hostile NUL runs cannot make this quadratic.
+            self._scan = boundary + 1

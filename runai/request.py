@@ -1,0 +1,250 @@
+"""Turn a decoded client message into a typed, validated request.
+
+Torch-free: runs on the reactor thread, so that bad input is answered at once and never
+reaches the worker. Every size the client controls is bounded here.
+"""
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from runai import errors
+from runai.paths import resolve_model
+from runai.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+GENERATION_ACTIONS = ("txt2img", "img2img", "inpaint", "outpaint")
+# Legacy actions that later work will serve; answered with not_implemented until then.
+PLANNED_ACTIONS = ("img2img", "inpaint", "outpaint", "convert")
+SERVED_ACTIONS = ("txt2img",)
+MAX_ID_LENGTH = 128
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client may ask for; the server's options may tighten them."""
+
+    max_steps: int = 150
+    min_size: int = 64
+    max_size: int = 2048
+    size_multiple: int = 8
+    max_samples: int = 8
+    max_iter: int = 16
+    # n_samples images of width x height are denoised together: bound their sum.
+    max_batch_pixels: int = 8 * 1024 * 1024
+    max_prompt_chars: int = 20_000
+    max_scale: float = 50.0
+
+
+@dataclass(frozen=True)
+class Ping:
+    id: object = None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    id: object = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    action: str
+    model_path: str  # resolved, inside the model folder
+    model_name: str  # relative to the model folder, for logs and replies
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    scale: float = 7.5
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    n_samples: int = 1
+    n_iter: int = 1
+    scheduler: str = DEFAULT_SCHEDULER
+    ddim_eta: float = 0.0
+    strength: float = 0.8
+    pos_x: int = 0
+    pos_y: int = 0
+    id: object = None
+
+    @property
+    def image_count(self):
+        return self.n_samples * self.n_iter
+
+    def seeds(self):
+        """Image k of the request has seed ``seed + k``, whatever the batch size."""
+        return [self.seed + k for k in range(self.image_count)]
+
+
+Request = Union[Ping, Cancel, GenerationRequest]
+
+
+def decode_message(payload):
+    """UTF-8 JSON object from a message's bytes, or a RunaiError."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise errors.RunaiError(errors.BAD_ENCODING, f"the message is not valid UTF-8 (byte {e.start})")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise errors.RunaiError(errors.BAD_JSON, f"the message is not valid JSON: {e}")
+    if not isinstance(obj, dict):
+        raise errors.RunaiError(errors.BAD_JSON, "the message must be a JSON object")
+    return obj
+
+
+def request_id(obj):
+    """The client's optional ``id``, if it is one we can echo; else None."""
+    value = obj.get("id")
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (isinstance(value, str) and len(value) <= MAX_ID_LENGTH):
+        return value
+    return None
+
+
+def reqtype(obj):
+    action = obj.get("action")
+    return action if isinstance(action, str) and len(action) <= 64 else None
+
+
+class _Options:
+    """Reads ``<action>_<name>`` (the legacy spelling) or plain ``<name>``."""
+
+    def __init__(self, action, options):
+        self.action = action
+        self.options = options
+
+    def _raw(self, name):
+        prefixed = f"{self.action}_{name}"
+        if prefixed in self.options:
+            return prefixed, self.options[prefixed]
+        if name in self.options:
+            return name, self.options[name]
+        return prefixed, None
+
+    def string(self, name, default=None, max_chars=None):
+        key, value = self._raw(name)
+        if value is None:
+            if default is None:
+                raise errors.RunaiError(errors.BAD_REQUEST, f"missing option {key!r}")
+            return default
+        if not isinstance(value, str):
+            raise errors.RunaiError(errors.BAD_REQUEST, f"option {key!r} must be a string")
+        if max_chars is not None and len(value) > max_chars:
+            raise errors.RunaiError(errors.OUT_OF_RANGE, f"option {key!r} is longer than {max_chars} characters")
+        return value
+
+    def integer(self, name, default, low, high):
+        key, value = self._raw(name)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise errors.RunaiError(errors.BAD_REQUEST, f"option {key!r} must be an integer")
+        if not low <= value <= high:
+            raise errors.RunaiError(errors.OUT_OF_RANGE, f"option {key!r} must be between {low} and {high}, not {value}")
+        return value
+
+    def number(self, name, default, low, high):
+        key, value = self._raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise errors.RunaiError(errors.BAD_REQUEST, f"option {key!r} must be a number")
+        if not low <= value <= high:
+            raise errors.RunaiError(errors.OUT_OF_RANGE, f"option {key!r} must be between {low} and {high}, not {value}")
+        return float(value)
+
+
+def _size(opts, name, limits):
+    value = opts.integer(name, 512, limits.min_size, limits.max_size)
+    if value % limits.size_multiple:
+        raise errors.RunaiError(
+            errors.OUT_OF_RANGE,
+            f"option '{opts.action}_{name}' must be a multiple of {limits.size_multiple}, not {value}",
+        )
+    return value
+
+
+def parse_generation(action, options, model_dir, limits):
+    opts = _Options(action, options)
+    base_path = options.get("model_base_path")
+    model_path, model_name = resolve_model(model_dir, opts.string("model"), base_path)
+    prompt = opts.string("prompt", default="", max_chars=limits.max_prompt_chars)
+    negative = opts.string("negative_prompt", default="", max_chars=limits.max_prompt_chars)
+    steps = opts.integer("steps", 20, 1, limits.max_steps)
+    width = _size(opts, "width", limits)
+    height = _size(opts, "height", limits)
+    n_samples = opts.integer("n_samples", 1, 1, limits.max_samples)
+    n_iter = opts.integer("n_iter", 1, 1, limits.max_iter)
+    if n_samples * width * height > limits.max_batch_pixels:
+        raise errors.RunaiError(
+            errors.OUT_OF_RANGE,
+            f"n_samples x width x height is {n_samples * width * height} pixels; "
+            f"the limit is {limits.max_batch_pixels}",
+        )
+    seed = opts.integer("seed", -1, -1, MAX_SEED)
+    if seed == -1:
+        # Legacy clients send -1 (or nothing) for "any seed"; the reply says which one.
+        seed = secrets.randbelow(MAX_SEED - limits.max_samples * limits.max_iter)
+    if seed + n_samples * n_iter - 1 > MAX_SEED:
+        raise errors.RunaiError(errors.OUT_OF_RANGE, f"seed + number of images must not exceed {MAX_SEED}")
+    scheduler = opts.string("scheduler", default=DEFAULT_SCHEDULER, max_chars=64)
+    if scheduler not in SCHEDULERS:
+        raise errors.RunaiError(
+            errors.UNKNOWN_SCHEDULER,
+            f"unknown scheduler {scheduler!r}; valid: {', '.join(sorted(SCHEDULERS))}",
+        )
+    return dict(
+        action=action,
+        model_path=str(model_path),
+        model_name=model_name,
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=steps,
+        scale=opts.number("scale", 7.5, 0.0, limits.max_scale),
+        seed=seed,
+        width=width,
+        height=height,
+        n_samples=n_samples,
+        n_iter=n_iter,
+        scheduler=scheduler,
+        ddim_eta=opts.number("ddim_eta", 0.0, 0.0, 1.0),
+        strength=opts.number("strength", 0.8, 0.0, 1.0),
+        pos_x=opts.integer("pos_x", 0, -(2**31), 2**31 - 1),
+        pos_y=opts.integer("pos_y", 0, -(2**31), 2**31 - 1),
+    )
+
+
+def parse_request(obj, model_dir, limits=Limits()):
+    """A validated request from a decoded message; raises :class:`RunaiError`."""
+    action = obj.get("action")
+    rid = request_id(obj)
+    if "id" in obj and obj["id"] is not None and rid is None:
+        raise errors.RunaiError(
+            errors.BAD_REQUEST, f"'id' must be an integer or a string of at most {MAX_ID_LENGTH} characters"
+        )
+    if not isinstance(action, str):
+        raise errors.RunaiError(errors.BAD_REQUEST, "the request has no 'action' string")
+    if action == "ping":
+        return Ping(id=rid)
+    if action == "cancel":
+        return Cancel(id=rid)
+    if action in SERVED_ACTIONS:
+        options = obj.get("options", {})
+        if not isinstance(options, dict):
+            raise errors.RunaiError(errors.BAD_REQUEST, "'options' must be a JSON object")
+        # pos_x/pos_y sit in options for legacy clients, at the top level for some others.
+        merged = {k: v for k, v in obj.items() if k in ("pos_x", "pos_y")}
+        merged.update(options)
+        return GenerationRequest(id=rid, **parse_generation(action, merged, model_dir, limits))
+    if action in PLANNED_ACTIONS:
+        raise errors.RunaiError(errors.NOT_IMPLEMENTED, f"action {action!r} is not served by this version of runai yet")
+    raise errors.RunaiError(
+        errors.UNKNOWN_ACTION,
+        f"unknown action {action[:64]!r}; known: {', '.join(('ping', 'cancel') + SERVED_ACTIONS)}",
+    )

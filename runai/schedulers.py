@@ -1,0 +1,47 @@
+"""Scheduler names a client may ask for, mapped to diffusers classes.
+
+Torch-free on purpose: the reactor validates names without importing diffusers; the worker
+turns the entry into a scheduler with :func:`make_scheduler`.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    class_name: str
+    # Overrides applied on top of the model's own scheduler config.
+    config: dict = field(default_factory=dict)
+
+
+SCHEDULERS = {
+    # The legacy clients' names.
+    "ddim": SchedulerSpec("DDIMScheduler"),
+    "ddpm": SchedulerSpec("DDPMScheduler"),
+    "euler": SchedulerSpec("EulerDiscreteScheduler"),
+    "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler"),
+    "lms": SchedulerSpec("LMSDiscreteScheduler"),
+    # PLMS is diffusers' PNDM without its Runge-Kutta warm-up, as in the original LDM code.
+    "plms": SchedulerSpec("PNDMScheduler", {"skip_prk_steps": True}),
+    "dpm": SchedulerSpec("DPMSolverMultistepScheduler"),
+    # Names users of other tools expect.
+    "dpmpp_2m": SchedulerSpec("DPMSolverMultistepScheduler"),
+    "dpmpp_2m_karras": SchedulerSpec("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde": SchedulerSpec("DPMSolverSinglestepScheduler"),
+    "unipc": SchedulerSpec("UniPCMultistepScheduler"),
+    "heun": SchedulerSpec("HeunDiscreteScheduler"),
+    "dpm2": SchedulerSpec("KDPM2DiscreteScheduler"),
+    "dpm2_a": SchedulerSpec("KDPM2AncestralDiscreteScheduler"),
+    "lms_karras": SchedulerSpec("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+}
+
+DEFAULT_SCHEDULER = "euler_a"
+
+
+def make_scheduler(name, base_config):
+    """Build the scheduler ``name`` from a model's scheduler config (imports diffusers)."""
+    import diffusers
+
+    spec = SCHEDULERS[name]
+    cls = getattr(diffusers, spec.class_name)
+    return cls.from_config(dict(base_config), **spec.config)

@@ -1,0 +1,191 @@
+"""Shared server state: dispatches requests, tracks clients, shuts down when told to.
+
+One factory serves every connection; it holds the one :class:`runai.worker.Worker`, so
+all clients share one queue.
+"""
+
+import base64
+from pathlib import Path
+
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+import runai
+from runai import errors, framing
+from runai.protocol import RunaiProtocol
+from runai.request import Cancel, GenerationRequest, Limits, Ping, decode_message, parse_request, reqtype, request_id
+from runai.worker import Job
+
+
+class AutoShutdown:
+    """Stops the server ``timeout`` seconds after start, or after the last client left,
+    unless a client is connected by then: what the legacy Krita plugin expects of a
+    server it starts itself."""
+
+    log = Logger()
+
+    def __init__(self, clock, timeout, stop):
+        self.clock = clock
+        self.timeout = timeout
+        self.stop = stop
+        self._call = None
+
+    def arm(self, why):
+        self.disarm()
+        self._call = self.clock.callLater(self.timeout, self._fire, why)
+
+    def disarm(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _fire(self, why):
+        self._call = None
+        self.log.info("Auto-shutdown: no client {why} for {timeout}s; stopping", why=why, timeout=self.timeout)
+        self.stop()
+
+
+class RunaiFactory(ServerFactory):
+    protocol = RunaiProtocol
+    log = Logger()
+
+    def __init__(self, worker, model_dir, clock, stop=None, packet_size=framing.DEFAULT_PACKET_SIZE,
+                 max_message_size=framing.DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=60.0,
+                 auto_shutdown=False, timeout=60.0, limits=Limits()):
+        self.worker = worker
+        self.model_dir = Path(model_dir).resolve()
+        self.clock = clock
+        self.stop = stop
+        self.packet_size = packet_size
+        self.max_message_size = max_message_size
+        self.idle_timeout = idle_timeout
+        self.limits = limits
+        self.clients = set()
+        self.auto_shutdown = AutoShutdown(clock, timeout, self._stop_server) if auto_shutdown else None
+
+    # Lifecycle -----------------------------------------------------------------------
+
+    def server_started(self):
+        if self.auto_shutdown is not None:
+            self.auto_shutdown.arm("connected")
+
+    def _stop_server(self):
+        if self.stop is not None:
+            self.stop()
+
+    def client_connected(self, proto):
+        self.clients.add(proto)
+        self.log.debug("Client connected: {peer}", peer=proto.transport.getPeer())
+        if self.auto_shutdown is not None:
+            self.auto_shutdown.disarm()
+
+    def client_lost(self, proto):
+        self.clients.discard(proto)
+        self.worker.drop_owner(proto)
+        proto.jobs.clear()
+        if self.auto_shutdown is not None and not self.clients:
+            self.auto_shutdown.arm("reconnected")
+
+    # Requests ------------------------------------------------------------------------
+
+    def message_received(self, proto, payload):
+        obj = None
+        try:
+            obj = decode_message(payload)
+            request = parse_request(obj, self.model_dir, self.limits)
+        except errors.RunaiError as e:
+            rt, rid = (reqtype(obj), request_id(obj)) if obj is not None else (None, None)
+            self.log.info("Refused a request: {code}: {message}", code=e.code, message=e.message)
+            proto.send_error(e, rt, rid)
+            return
+        if isinstance(request, Ping):
+            proto.send_message({
+                "action": "pong", "version": runai.__version__, "id": request.id,
+                "queued": self.worker.queued, "busy": self.worker.busy,
+            })
+        elif isinstance(request, Cancel):
+            self.cancel(proto, request.id)
+        elif isinstance(request, GenerationRequest):
+            self.enqueue(proto, request)
+
+    def enqueue(self, proto, request):
+        if request.id is not None and request.id in proto.jobs:
+            proto.send_error(
+                errors.RunaiError(errors.BAD_REQUEST, f"a job with id {request.id!r} is already queued or running"),
+                request.action, request.id,
+            )
+            return
+        job = Job(request, proto, self)
+        try:
+            self.worker.submit(job)
+        except errors.RunaiError as e:
+            proto.send_error(e, request.action, request.id)
+            return
+        if request.id is not None and job.state in ("queued", "running"):
+            proto.jobs[request.id] = job
+        self.log.info("Job {serial}: {action} of {model}, {n} image(s), {steps} steps, {w}x{h}",
+                      serial=job.serial, action=request.action, model=request.model_name,
+                      n=request.image_count, steps=request.steps, w=request.width, h=request.height)
+        self.log.debug("Job {serial} prompt: {prompt!r}", serial=job.serial, prompt=request.prompt)
+
+    def cancel(self, proto, job_id):
+        if job_id is None:
+            self.cancel_running(proto)
+            return
+        job = proto.jobs.get(job_id)
+        if job is None:
+            proto.send_error(errors.RunaiError(errors.NOT_FOUND, f"this connection has no job with id {job_id!r}"),
+                             "cancel", job_id)
+            return
+        self.worker.cancel(job)
+
+    def cancel_running(self, proto):
+        """The legacy ``c`` packet: cancel this client's running job, if it has one."""
+        running = self.worker.running
+        if running is not None and running.owner is proto:
+            self.worker.cancel(running)
+
+    def quit_requested(self, proto):
+        if self.auto_shutdown is not None:
+            self.log.info("A client asked the server to quit")
+            self._stop_server()
+        else:
+            # Without --auto-shutdown the server is not the client's to stop; the legacy
+            # client only means "I am done", so end that one connection.
+            proto.close()
+
+    # Job listener (called on the reactor thread) ---------------------------------------
+
+    def _reply(self, job, message):
+        message.setdefault("reqtype", job.request.action)
+        message["id"] = job.id
+        job.owner.send_message(message)
+
+    def job_queued(self, job, position):
+        self._reply(job, {"action": "queued", "position": position})
+
+    def job_progress(self, job, step, total):
+        self._reply(job, {"action": 4, "step": step, "total": total})
+
+    def job_image(self, job, image):
+        self._reply(job, {
+            "image": base64.b64encode(image.png).decode("ascii"),
+            "pos_x": job.request.pos_x, "pos_y": job.request.pos_y,
+            "seed": image.seed, "width": image.width, "height": image.height, "index": image.index,
+        })
+
+    def job_done(self, job, count, seconds):
+        self._forget(job)
+        self.log.info("Job {serial} done: {count} image(s) in {seconds:.2f}s",
+                      serial=job.serial, count=count, seconds=seconds)
+        self._reply(job, {"action": "done", "images": count, "seconds": round(seconds, 3)})
+
+    def job_failed(self, job, error):
+        self._forget(job)
+        self.log.info("Job {serial} failed: {code}: {message}",
+                      serial=job.serial, code=error.code, message=error.message)
+        job.owner.send_error(error, job.request.action, job.id)
+
+    def _forget(self, job):
+        if job.id is not None and job.owner.jobs.get(job.id) is job:
+            del job.owner.jobs[job.id]

@@ -1,0 +1,152 @@
+"""``twistd runai``: command-line options and the service tree.
+
+Imports nothing heavy: torch is imported in the worker thread once the server listens.
+"""
+
+import os
+import re
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from runai import framing
+from runai.server import RunaiFactory
+from runai.worker import Worker
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+def _positive(kind):
+    def convert(value):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"must be positive, not {value}")
+        return number
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve Stable Diffusion models from a model folder over the legacy runai socket "
+        "protocol. Binds to 127.0.0.1 unless told otherwise. Writes nothing to disk."
+    )
+    optFlags = [
+        ["auto-shutdown", None, "Stop when no client connected within --timeout of start, "
+                                "and --timeout after the last client left; an 'x' packet stops the server."],
+    ]
+    optParameters = [
+        ["host", None, "127.0.0.1", "Interface to listen on (ignored with --listen)."],
+        ["port", "p", 50007, "TCP port to listen on (ignored with --listen).", int],
+        ["listen", None, None, "A Twisted server endpoint description that overrides --host and "
+                               "--port, e.g. tcp:50007:interface=0.0.0.0 or ssl:... for TLS."],
+        ["model-dir", "m", "~/stablediffusion", "The model folder; clients can reach nothing outside it."],
+        ["packet-size", None, framing.DEFAULT_PACKET_SIZE, "Packet size in bytes (the legacy clients use 1024).", int],
+        ["max-message-size", None, framing.DEFAULT_MAX_MESSAGE_SIZE,
+         "Largest request in bytes; a larger one is refused and its connection closed.", int],
+        ["timeout", None, 60.0, "Seconds without a client before an --auto-shutdown server stops.", float],
+        ["idle-timeout", None, 60.0, "Drop a connection that sent part of a message, then nothing for this long "
+                                     "(seconds).", float],
+        ["device", None, "auto", "auto, cpu, cuda or cuda:N."],
+        ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
+    ]
+
+    def postOptions(self):
+        if not 0 <= self["port"] <= 65535:
+            raise usage.UsageError(f"--port must be between 0 and 65535, not {self['port']}")
+        if not 16 <= self["packet-size"] <= 1024 * 1024:
+            raise usage.UsageError("--packet-size must be between 16 and 1048576 bytes")
+        if not self["packet-size"] <= self["max-message-size"] <= 1024 ** 3:
+            raise usage.UsageError("--max-message-size must be between --packet-size and 1 GiB")
+        for name in ("timeout", "idle-timeout"):
+            if not self[name] > 0:
+                raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        if not DEVICE_RE.match(self["device"]):
+            raise usage.UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {self['device']!r}")
+        if self["dtype"] not in DTYPES:
+            raise usage.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self['dtype']!r}")
+        self["model-dir"] = os.path.realpath(os.path.expanduser(self["model-dir"]))
+        if self["listen"] is None:
+            host = endpoints.quoteStringArgument(self["host"])
+            self["endpoint"] = f"tcp:port={self['port']}:interface={host}"
+        else:
+            self["endpoint"] = self["listen"]
+
+
+class WorkerService(service.Service):
+    """Starts the worker thread first and stops it last (after the listener closes)."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def startService(self):
+        super().startService()
+        self.worker.start()
+
+    def stopService(self):
+        super().stopService()
+        self.worker.stop()
+
+
+class ListenService(service.Service):
+    log = Logger()
+
+    def __init__(self, reactor, description, factory):
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.port = None
+        self._listening = None
+
+    def startService(self):
+        super().startService()
+        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        self._listening = endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port):
+        self.port = port
+        address = port.getHost()
+        self.log.info("runai listening on {host}:{port}, models in {models}",
+                      host=getattr(address, "host", address), port=getattr(address, "port", ""),
+                      models=self.factory.model_dir)
+        if not self.factory.model_dir.is_dir():
+            self.log.warn("The model folder {models} does not exist yet", models=self.factory.model_dir)
+        self.factory.server_started()
+        self.factory.worker.warm_up()
+        return port
+
+    def _failed(self, failure):
+        self.log.failure("runai could not listen on {description}", failure, description=self.description)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        if self._listening is not None:
+            self._listening.cancel()
+
+
+def makeService(config, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+
+    def stop():
+        if reactor.running:
+            reactor.stop()
+
+    worker = Worker(reactor, device=config["device"], dtype=config["dtype"])
+    factory = RunaiFactory(
+        worker, config["model-dir"], clock=reactor, stop=stop,
+        packet_size=config["packet-size"], max_message_size=config["max-message-size"],
+        idle_timeout=config["idle-timeout"], auto_shutdown=config["auto-shutdown"], timeout=config["timeout"],
+    )
+    top = service.MultiService()
+    WorkerService(worker).setServiceParent(top)
+    ListenService(reactor, config["endpoint"], factory).setServiceParent(top)
+    return top

@@ -1,0 +1,171 @@
+"""Clients for runai's socket protocol: a Twisted protocol and a blocking one for scripts.
+
+Both frame exactly like the legacy Krita client (JSON padded to whole packets, then an
+EOM packet), so they double as a reference for client authors.
+"""
+
+import base64
+import json
+import socket
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+
+from runai import framing
+
+
+class ServerError(Exception):
+    """The server answered ``{"error": {...}}``."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Image:
+    png: bytes
+    seed: object
+    pos_x: int
+    pos_y: int
+
+
+def txt2img_request(prompt, model, request_id=None, **options):
+    """A legacy-format txt2img request: every option carries the ``txt2img_`` prefix."""
+    request = {"action": "txt2img", "options": {"txt2img_prompt": prompt, "txt2img_model": model}}
+    for name, value in options.items():
+        if value is not None:
+            request["options"][f"txt2img_{name}"] = value
+    if request_id is not None:
+        request["id"] = request_id
+    return request
+
+
+def encode_request(obj, packet_size=framing.DEFAULT_PACKET_SIZE):
+    return framing.encode(json.dumps(obj).encode("utf-8"), packet_size)
+
+
+def is_final(message):
+    """True for the last message of a generation: done, or an error."""
+    return "error" in message or message.get("action") == "done"
+
+
+def image_of(message):
+    return Image(base64.b64decode(message["image"]), message.get("seed"),
+                 message.get("pos_x", 0), message.get("pos_y", 0))
+
+
+class BlockingClient:
+    """A plain-socket client for scripts: ``with BlockingClient() as c: c.generate(...)``."""
+
+    def __init__(self, host="127.0.0.1", port=50007, packet_size=framing.DEFAULT_PACKET_SIZE, timeout=None):
+        self.packet_size = packet_size
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.decoder = framing.Decoder(packet_size, max_message_size=1 << 30)
+        self._pending = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, obj):
+        self.sock.sendall(encode_request(obj, self.packet_size))
+
+    def send_control(self, byte):
+        """``b"c"`` cancels this client's running job; ``b"x"`` asks the server to quit."""
+        self.sock.sendall(byte * self.packet_size)
+
+    def receive(self):
+        """The next message from the server, as a dict; raises ConnectionError at EOF."""
+        while not self._pending:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            self._pending.extend(e for e in self.decoder.feed(data) if isinstance(e, framing.Message))
+        return json.loads(self._pending.pop(0).payload)
+
+    def ping(self):
+        self.send({"action": "ping"})
+        while True:
+            message = self.receive()
+            if message.get("action") == "pong":
+                return message
+            if "error" in message:
+                raise ServerError(message["error"]["code"], message["error"]["message"])
+
+    def run(self, request, on_message=None):
+        """Send a generation request; return its images once done (raises ServerError)."""
+        self.send(request)
+        images = []
+        while True:
+            message = self.receive()
+            if on_message is not None:
+                on_message(message)
+            if "image" in message:
+                images.append(image_of(message))
+            if "error" in message:
+                raise ServerError(message["error"].get("code"), message["error"].get("message"))
+            if is_final(message):
+                return images
+
+    def generate(self, prompt, model, on_message=None, **options):
+        return self.run(txt2img_request(prompt, model, **options), on_message)
+
+
+class RunaiClientProtocol(Protocol):
+    """A Twisted client: :meth:`request` returns a Deferred of the request's messages.
+
+    Requests are answered in order by the server's one queue for a single connection's
+    jobs, so replies are matched to requests by their ``id``; a request sent without one
+    is given one.
+    """
+
+    packet_size = framing.DEFAULT_PACKET_SIZE
+
+    def __init__(self, on_message=None):
+        self.on_message = on_message
+        self._waiting = {}
+        self._next_id = 0
+
+    def connectionMade(self):
+        self.decoder = framing.Decoder(self.packet_size, max_message_size=1 << 30)
+
+    def dataReceived(self, data):
+        for event in self.decoder.feed(data):
+            if isinstance(event, framing.Message):
+                self.message_received(json.loads(event.payload))
+
+    def message_received(self, message):
+        if self.on_message is not None:
+            self.on_message(message)
+        rid = message.get("id")
+        if rid not in self._waiting:
+            return
+        messages, d = self._waiting[rid]
+        messages.append(message)
+        if is_final(message) or message.get("action") == "pong":
+            del self._waiting[rid]
+            d.callback(messages)
+
+    def request(self, obj):
+        """Send ``obj``; fires with every message of its answer, the last one final."""
+        obj = dict(obj)
+        if obj.get("id") is None:
+            self._next_id += 1
+            obj["id"] = f"c{self._next_id}"
+        d = Deferred()
+        self._waiting[obj["id"]] = ([], d)
+        self.transport.write(encode_request(obj, self.packet_size))
+        return d
+
+    def connectionLost(self, reason):
+        waiting, self._waiting = self._waiting, {}
+        for _, d in waiting.values():
+            d.errback(reason)

@@ -1,0 +1,331 @@
+"""The server protocol and queue, driven through StringTransport and a Clock."""
+
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from runai import errors, framing
+from runai.client import txt2img_request
+from runai.server import RunaiFactory
+from runai.test.support import ManualPool, ScriptedEngine, SyncReactor, decode_all, frame
+from runai.worker import Worker
+
+P = 1024
+
+
+class ServerTestCase(SynchronousTestCase):
+    auto_shutdown = False
+
+    def setUp(self):
+        self.models = os.path.realpath(self.mktemp())
+        os.makedirs(os.path.join(self.models, "v1", "tiny"))
+        with open(os.path.join(self.models, "v1", "tiny", "model_index.json"), "w") as f:
+            f.write("{}")
+        self.reactor = SyncReactor()
+        self.pool = ManualPool()
+        self.engine = ScriptedEngine()
+        self.worker = Worker(self.reactor, engine_factory=lambda device, dtype: self.engine, pool=self.pool)
+        self.stopped = []
+        self.factory = RunaiFactory(
+            self.worker, self.models, clock=self.reactor, stop=lambda: self.stopped.append(True),
+            idle_timeout=30, auto_shutdown=self.auto_shutdown, timeout=10,
+        )
+
+    def connect(self):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 12345))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def replies(self, transport):
+        messages = decode_all(transport.value())
+        transport.clear()
+        return messages
+
+    def request(self, **options):
+        options.setdefault("steps", 3)
+        return txt2img_request("a lighthouse", "v1/tiny", **options)
+
+
+class FramingTests(ServerTestCase):
+    def test_ping(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame({"action": "ping", "id": 7}))
+        [pong] = self.replies(transport)
+        self.assertEqual(pong["action"], "pong")
+        self.assertEqual(pong["id"], 7)
+        self.assertEqual((pong["queued"], pong["busy"]), (0, False))
+        self.assertIn("version", pong)
+
+    def test_replies_are_whole_packets(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame({"action": "ping", "pad": "y" * 3000}))
+        data = transport.value()
+        self.assertEqual(len(data) % P, 0)
+        self.assertEqual(data[-P:], bytes(P))
+
+    def test_one_byte_at_a_time(self):
+        proto, transport = self.connect()
+        for byte in frame({"action": "ping", "id": "a"}) + frame({"action": "ping", "id": "b"}):
+            proto.dataReceived(bytes([byte]))
+        self.assertEqual([m["id"] for m in self.replies(transport)], ["a", "b"])
+
+    def test_bad_input_then_still_serving(self):
+        proto, transport = self.connect()
+        cases = [
+            (framing.encode(b"\xff\xfe not utf-8"), errors.BAD_ENCODING),
+            (frame("not an object"), errors.BAD_JSON),
+            (framing.encode(b"{not json"), errors.BAD_JSON),
+            (framing.encode(b'{"a": ' * 100000), errors.BAD_JSON),
+            (frame({"action": "fly"}), errors.UNKNOWN_ACTION),
+            (frame({"options": {}}), errors.BAD_REQUEST),
+            (frame(self.request(steps=-1)), errors.OUT_OF_RANGE),
+            (frame(self.request(steps="20")), errors.BAD_REQUEST),
+            (frame(self.request(width=10**9)), errors.OUT_OF_RANGE),
+            (frame(txt2img_request("x", "../../etc")), errors.PATH_OUTSIDE_MODEL_DIR),
+            (frame(txt2img_request("x", "/etc/passwd")), errors.PATH_OUTSIDE_MODEL_DIR),
+            (frame(txt2img_request("x", "v1/missing")), errors.MODEL_NOT_FOUND),
+            (frame(self.request(scheduler="warp")), errors.UNKNOWN_SCHEDULER),
+        ]
+        for data, code in cases:
+            proto.dataReceived(data)
+            [reply] = self.replies(transport)
+            self.assertEqual(reply["error"]["code"], code, reply)
+            self.assertTrue(reply["error"]["message"])
+            self.assertFalse(transport.disconnecting)
+        proto.dataReceived(frame({"action": "ping"}))
+        self.assertEqual(self.replies(transport)[0]["action"], "pong")
+        self.assertEqual(self.engine.requests, [])
+
+    def test_error_echoes_reqtype_and_id(self):
+        proto, transport = self.connect()
+        bad = self.request(steps=0)
+        bad["id"] = "job-1"
+        proto.dataReceived(frame(bad))
+        [reply] = self.replies(transport)
+        self.assertEqual((reply["reqtype"], reply["id"]), ("txt2img", "job-1"))
+
+    def test_oversized_message_refused_and_closed(self):
+        self.factory.max_message_size = 4 * P
+        proto, transport = self.connect()
+        proto.dataReceived(b"{" + b"a" * (20 * P))
+        [reply] = self.replies(transport)
+        self.assertEqual(reply["error"]["code"], errors.MESSAGE_TOO_LARGE)
+        self.assertTrue(transport.disconnecting)
+        # The decoder stopped buffering once the limit was passed.
+        proto.dataReceived(b"a" * P)
+
+    def test_half_a_message_then_silence(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame({"action": "ping"})[:P // 2])
+        self.reactor.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1)
+        [reply] = self.replies(transport)
+        self.assertEqual(reply["error"]["code"], errors.IDLE_TIMEOUT)
+        self.assertTrue(transport.disconnecting)
+
+    def test_silence_between_messages_is_fine(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame({"action": "ping"}))
+        self.reactor.advance(3600)
+        self.assertFalse(transport.disconnecting)
+
+    def test_trickle_resets_idle_timer(self):
+        proto, transport = self.connect()
+        data = frame({"action": "ping"})
+        for i in range(0, len(data), 100):
+            proto.dataReceived(data[i:i + 100])
+            self.reactor.advance(20)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.replies(transport)[0]["action"], "pong")
+
+    def test_quit_packet_closes_connection_only(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"x" * P)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.stopped, [])
+
+    def test_control_bytes_inside_a_message_are_data(self):
+        proto, transport = self.connect()
+        # "pad" is placed so that whole packets of x and c fall on packet boundaries.
+        prefix = '{"action": "ping", "pad": "'
+        pad = "x" * (P - len(prefix)) + "x" * P + "c" * P
+        proto.dataReceived(frame({"action": "ping", "pad": pad}))
+        self.assertEqual(frame({"action": "ping", "pad": pad})[P:2 * P], b"x" * P)
+        [pong] = self.replies(transport)
+        self.assertEqual(pong["action"], "pong")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.stopped, [])
+
+
+class QueueTests(ServerTestCase):
+    def test_generation_replies(self):
+        proto, transport = self.connect()
+        request = self.request(seed=42, n_samples=2)
+        request["options"]["pos_x"] = 5
+        request["options"]["pos_y"] = 9
+        request["id"] = "r1"
+        proto.dataReceived(frame(request))
+        self.assertEqual(self.replies(transport), [])
+        self.pool.run_one()
+        replies = self.replies(transport)
+        progress = [m for m in replies if m.get("action") == 4]
+        self.assertEqual([(m["step"], m["total"]) for m in progress], [(1, 3), (2, 3), (3, 3)])
+        self.assertTrue(all(m["reqtype"] == "txt2img" and m["id"] == "r1" for m in replies))
+        images = [m for m in replies if "image" in m]
+        self.assertEqual([m["seed"] for m in images], [42, 43])
+        self.assertEqual({(m["pos_x"], m["pos_y"]) for m in images}, {(5, 9)})
+        self.assertEqual(replies[-1]["action"], "done")
+        self.assertEqual(replies[-1]["images"], 2)
+
+    def test_fifo_positions_across_clients(self):
+        a, ta = self.connect()
+        b, tb = self.connect()
+        c, tc = self.connect()
+        a.dataReceived(frame(self.request(seed=1)))
+        b.dataReceived(frame(self.request(seed=2)))
+        c.dataReceived(frame(self.request(seed=3)))
+        self.assertEqual(self.replies(ta), [])
+        self.assertEqual(self.replies(tb), [{"action": "queued", "position": 1, "reqtype": "txt2img", "id": None}])
+        self.assertEqual(self.replies(tc)[0]["position"], 2)
+        ping = frame({"action": "ping"})
+        a.dataReceived(ping)
+        self.assertEqual(self.replies(ta)[0]["queued"], 2)
+        self.pool.run_one()
+        self.assertEqual(self.replies(ta)[-1]["action"], "done")
+        self.assertEqual(self.replies(tc), [{"action": "queued", "position": 1, "reqtype": "txt2img", "id": None}])
+        self.pool.run_one()
+        self.pool.run_one()
+        self.assertEqual([r.seed for r in self.engine.requests], [1, 2, 3])
+        self.assertEqual(self.replies(tb)[-1]["action"], "done")
+        self.assertEqual(self.replies(tc)[-1]["action"], "done")
+
+    def test_cancel_packet_stops_running_job_at_next_step(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame(self.request(steps=10)))
+        self.engine.during_step = lambda step: step == 2 and proto.dataReceived(b"c" * P)
+        self.pool.run_one()
+        replies = self.replies(transport)
+        self.assertEqual(replies[-1]["error"]["code"], errors.CANCELLED)
+        self.assertEqual(len([m for m in replies if m.get("action") == 4]), 2)
+        self.assertFalse(any("image" in m for m in replies))
+        # The worker goes on serving.
+        proto.dataReceived(frame(self.request()))
+        self.engine.during_step = None
+        self.pool.run_one()
+        self.assertEqual(self.replies(transport)[-1]["action"], "done")
+
+    def test_cancel_by_id_queued_and_unknown(self):
+        a, ta = self.connect()
+        a.dataReceived(frame(dict(self.request(), id="first")))
+        a.dataReceived(frame(dict(self.request(), id="second")))
+        self.replies(ta)
+        a.dataReceived(frame({"action": "cancel", "id": "second"}))
+        [reply] = self.replies(ta)
+        self.assertEqual((reply["error"]["code"], reply["id"]), (errors.CANCELLED, "second"))
+        a.dataReceived(frame({"action": "cancel", "id": "nope"}))
+        self.assertEqual(self.replies(ta)[0]["error"]["code"], errors.NOT_FOUND)
+        self.pool.run_one()
+        self.assertEqual(self.replies(ta)[-1]["id"], "first")
+        self.assertEqual(self.pool.calls, [])
+
+    def test_cancel_by_id_running(self):
+        a, ta = self.connect()
+        a.dataReceived(frame(dict(self.request(steps=5), id=11)))
+        self.engine.during_step = lambda step: step == 1 and a.dataReceived(frame({"action": "cancel", "id": 11}))
+        self.pool.run_one()
+        replies = self.replies(ta)
+        self.assertEqual((replies[-1]["error"]["code"], replies[-1]["id"]), (errors.CANCELLED, 11))
+
+    def test_duplicate_id_refused(self):
+        a, ta = self.connect()
+        a.dataReceived(frame(dict(self.request(), id="same")))
+        a.dataReceived(frame(dict(self.request(), id="same")))
+        self.assertEqual(self.replies(ta)[-1]["error"]["code"], errors.BAD_REQUEST)
+
+    def test_another_client_cannot_cancel(self):
+        a, ta = self.connect()
+        b, tb = self.connect()
+        a.dataReceived(frame(dict(self.request(steps=4), id=1)))
+        self.engine.during_step = lambda step: step == 1 and (b.dataReceived(b"c" * P),
+                                                               b.dataReceived(frame({"action": "cancel", "id": 1})))
+        self.pool.run_one()
+        self.assertEqual(self.replies(ta)[-1]["action"], "done")
+        self.assertEqual(self.replies(tb)[0]["error"]["code"], errors.NOT_FOUND)
+
+    def test_disconnect_drops_queued_and_cancels_running(self):
+        a, ta = self.connect()
+        b, tb = self.connect()
+        a.dataReceived(frame(self.request(steps=5)))
+        a.dataReceived(frame(self.request(seed=99)))
+        b.dataReceived(frame(self.request(seed=7)))
+        self.engine.during_step = lambda step: step == 2 and a.connectionLost(None)
+        self.pool.run_one()
+        self.assertEqual(len(self.pool.calls), 1)
+        self.engine.during_step = None
+        self.pool.run_one()
+        self.assertEqual([r.seed for r in self.engine.requests][-1], 7)
+        self.assertNotIn(99, [r.seed for r in self.engine.requests])
+        self.assertEqual(self.replies(tb)[-1]["action"], "done")
+
+    def test_per_client_queue_limit(self):
+        self.worker.max_queued_per_owner = 2
+        a, ta = self.connect()
+        for _ in range(4):
+            a.dataReceived(frame(self.request()))
+        codes = [m["error"]["code"] for m in self.replies(ta) if "error" in m]
+        self.assertEqual(codes, [errors.QUEUE_FULL])
+
+    def test_engine_crash_is_reported_and_worker_goes_on(self):
+        proto, transport = self.connect()
+
+        def boom(step):
+            raise RuntimeError("kaboom")
+        self.engine.during_step = boom
+        proto.dataReceived(frame(self.request()))
+        self.pool.run_one()
+        [reply] = [m for m in self.replies(transport) if "error" in m]
+        self.assertEqual(reply["error"]["code"], errors.INTERNAL)
+        self.assertIn("kaboom", reply["error"]["message"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.engine.during_step = None
+        proto.dataReceived(frame(self.request()))
+        self.pool.run_one()
+        self.assertEqual(self.replies(transport)[-1]["action"], "done")
+
+
+class AutoShutdownTests(ServerTestCase):
+    auto_shutdown = True
+
+    def test_no_client_within_timeout(self):
+        self.factory.server_started()
+        self.reactor.advance(9.9)
+        self.assertEqual(self.stopped, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(self.stopped, [True])
+
+    def test_timeout_after_last_client_leaves(self):
+        self.factory.server_started()
+        a, _ = self.connect()
+        b, _ = self.connect()
+        self.reactor.advance(100)
+        a.connectionLost(None)
+        self.reactor.advance(100)
+        self.assertEqual(self.stopped, [])
+        b.connectionLost(None)
+        self.reactor.advance(9)
+        c, _ = self.connect()
+        self.reactor.advance(100)
+        self.assertEqual(self.stopped, [])
+        c.connectionLost(None)
+        self.reactor.advance(10)
+        self.assertEqual(self.stopped, [True])
+
+    def test_quit_packet_stops_server(self):
+        self.factory.server_started()
+        proto, _ = self.connect()
+        proto.dataReceived(b"x" * P)
+        self.assertEqual(self.stopped, [True])

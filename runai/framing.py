@@ -105,7 +105,7 @@ class Decoder:
     def _next_event(self):
         size = self.packet_size
         buffer = self._buffer
-        if not self._in_message:
+        while not self._in_message:
             if len(buffer) < size:
                 return None
             first = bytes(buffer[:size])
@@ -117,9 +117,10 @@ class Decoder:
                 return CANCEL
             if first == self._eom:
                 # A stray EOM between messages carries nothing; the old clients never send
-                # one, so skipping it is the most forgiving reading.
+                # one, so skipping it is the most forgiving reading. A loop, not recursion:
+                # a run of stray EOMs in one feed must not exhaust the stack.
                 del buffer[:size]
-                return self._next_event()
+                continue
             self._in_message = True
             self._scan = 0
         return self._find_message_end()
@@ -143,6 +144,12 @@ class Decoder:
             boundary = -(-start // size) * size
             if boundary + size > len(buffer):
                 self._scan = start
+                # The EOM cannot lie before this boundary; past the largest padded message
+                # the message is refused anyway. Without this check, chunks that each end in
+                # an unaligned run of NULs would grow the buffer without bound.
+                if boundary > self._max_padded:
+                    self._failed = True
+                    raise MessageTooLarge(len(buffer), self.max_message_size)
                 return None
             if buffer[boundary:boundary + size] == self._eom:
                 if boundary > self._max_padded:

@@ -19,6 +19,12 @@ def _check_name(value, what):
         raise errors.RunaiError(errors.OUT_OF_RANGE, f"{what} is longer than {MAX_NAME_LENGTH} characters")
     if "\x00" in value:
         raise errors.RunaiError(errors.BAD_REQUEST, f"{what} contains a NUL character")
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        # JSON can carry lone surrogates ("\ud800"), which no file name can hold; os
+        # calls would raise UnicodeEncodeError instead of a RunaiError.
+        raise errors.RunaiError(errors.BAD_REQUEST, f"{what} is not a valid file name")
 
 
 def contained(model_dir, candidate):
@@ -59,9 +65,16 @@ def resolve_model(model_dir, name, base_path=None):
             f"model {name!r} is outside the server's model folder",
         )
     display = resolved.relative_to(model_dir).as_posix()
-    if not resolved.exists():
+    try:
+        exists = resolved.exists()
+        is_model = exists and (resolved / "model_index.json").is_file()
+    except OSError:
+        # A name too long for the file system (ENAMETOOLONG), a permission error: such a
+        # path cannot be a model, and must not escape as an exception other than RunaiError.
+        exists = is_model = False
+    if not exists:
         raise errors.RunaiError(errors.MODEL_NOT_FOUND, f"no model {display!r} in the model folder")
-    if not (resolved / "model_index.json").is_file():
+    if not is_model:
         raise errors.RunaiError(
             errors.MODEL_NOT_FOUND,
             f"{display!r} is not a diffusers model folder (it has no model_index.json); "

@@ -27,7 +27,10 @@ SCHEDULERS = {
     # Names users of other tools expect.
     "dpmpp_2m": SchedulerSpec("DPMSolverMultistepScheduler"),
     "dpmpp_2m_karras": SchedulerSpec("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_sde": SchedulerSpec("DPMSolverSinglestepScheduler"),
+    # diffusers' documented stand-in for DPM++ SDE (the exact one, DPMSolverSDEScheduler,
+    # needs torchsde). lower_order_final: with its default final_sigmas_type "zero" the
+    # scheduler forces it on anyway, warning on every request.
+    "dpmpp_sde": SchedulerSpec("DPMSolverSinglestepScheduler", {"lower_order_final": True}),
     "unipc": SchedulerSpec("UniPCMultistepScheduler"),
     "heun": SchedulerSpec("HeunDiscreteScheduler"),
     "dpm2": SchedulerSpec("KDPM2DiscreteScheduler"),

@@ -1,0 +1,68 @@
+"""The twistd plugin and its options."""
+
+import os
+
+from twisted.application.service import IServiceMaker, IService
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from runai import tap
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_finds_runai(self):
+        import twisted.plugins
+        makers = [m for m in getPlugins(IServiceMaker, twisted.plugins) if m.tapname == "runai"]
+        self.assertEqual(len(makers), 1)
+        self.assertIs(makers[0].options, tap.Options)
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *args):
+        options = tap.Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_defaults_bind_loopback(self):
+        options = self.parse()
+        self.assertEqual(options["endpoint"], "tcp:port=50007:interface=127.0.0.1")
+        self.assertEqual(options["packet-size"], 1024)
+        self.assertEqual(options["max-message-size"], 64 * 1024 * 1024)
+        self.assertEqual(options["model-dir"], os.path.realpath(os.path.expanduser("~/stablediffusion")))
+        self.assertFalse(options["auto-shutdown"])
+
+    def test_host_port_and_listen(self):
+        self.assertEqual(self.parse("--host", "::1", "--port", "5")["endpoint"], r"tcp:port=5:interface=\:\:1")
+        listen = "tcp:50007:interface=0.0.0.0"
+        self.assertEqual(self.parse("--listen", listen, "--port", "9")["endpoint"], listen)
+
+    def test_bad_values_are_usage_errors(self):
+        for args in (
+            ["--port", "70000"], ["--port", "abc"], ["--packet-size", "0"], ["--packet-size", "8"],
+            ["--max-message-size", "10"], ["--timeout", "0"], ["--idle-timeout", "-1"],
+            ["--device", "tpu"], ["--device", "cuda:x"], ["--dtype", "int8"], ["--bogus"],
+        ):
+            self.assertRaises(usage.UsageError, self.parse, *args)
+
+    def test_make_service(self):
+        from twisted.internet.testing import MemoryReactorClock
+        reactor = MemoryReactorClock()
+        options = self.parse("--port", "0", "--device", "cpu", "--auto-shutdown", "--timeout", "5")
+        service = tap.makeService(options, reactor=reactor)
+        self.assertTrue(IService.providedBy(service))
+        names = [type(s).__name__ for s in service]
+        self.assertEqual(names, ["WorkerService", "ListenService"])
+        # Nothing heavy was imported to build it: torch loads in the worker thread.
+        listen = list(service)[1]
+        self.assertEqual(listen.factory.packet_size, 1024)
+        self.assertIsNotNone(listen.factory.auto_shutdown)
+
+
+class NoTorchAtStartTests(SynchronousTestCase):
+    def test_tap_does_not_import_torch(self):
+        import subprocess
+        import sys
+        code = "import sys, runai.tap, twisted.plugins.runai_plugin; print('torch' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        self.assertEqual(out.stdout.strip(), "False")

@@ -44,17 +44,14 @@ class MessageTooLarge(Exception):
 
 
 def encode(payload, packet_size=DEFAULT_PACKET_SIZE):
-    """Frame ``payload``: whole packets, NUL padded, then the EOM packet.
-
-    An empty payload still takes one (all-NUL) data packet, as the Krita client pads
-    short messages to a full packet; the receiver sees an empty message either way.
-    """
-    if b"\x00" in payload[-1:]:
+    """Frame ``payload``: whole packets, NUL padded, then the EOM packet."""
+    if not payload:
+        # It would be all NUL: indistinguishable from an EOM, so no receiver would see it.
+        raise ValueError("an empty payload cannot be framed")
+    if payload[-1:] == b"\x00":
         # Trailing NULs would be stripped by every receiver: refuse rather than corrupt.
         raise ValueError("a payload must not end with a NUL byte")
     padding = -len(payload) % packet_size
-    if not payload:
-        padding = packet_size
     return b"".join((payload, bytes(padding), bytes(packet_size)))
 
 

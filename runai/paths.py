@@ -40,7 +40,8 @@ def resolve_base_path(model_dir, base_path):
     if base_path is None:
         return model_dir
     _check_name(base_path, "model_base_path")
-    resolved = contained(model_dir, Path(base_path))
+    # A relative base is taken from the model folder, never from the server's cwd.
+    resolved = contained(model_dir, model_dir / base_path)
     if resolved is None:
         raise errors.RunaiError(
             errors.PATH_OUTSIDE_MODEL_DIR,

@@ -3,6 +3,7 @@
 Imports nothing heavy: torch is imported in the worker thread once the server listens.
 """
 
+import ipaddress
 import os
 import re
 
@@ -76,6 +77,13 @@ class Options(usage.Options):
             self["endpoint"] = self["listen"]
 
 
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 class WorkerService(service.Service):
     """Starts the worker thread first and stops it last (after the listener closes)."""
 
@@ -113,6 +121,9 @@ class ListenService(service.Service):
         self.log.info("runai listening on {host}:{port}, models in {models}",
                       host=getattr(address, "host", address), port=getattr(address, "port", ""),
                       models=self.factory.model_dir)
+        if not _is_loopback(getattr(address, "host", "127.0.0.1")):
+            self.log.warn("Listening beyond loopback: anyone who can reach this port can queue jobs on "
+                          "this machine; prefer an ssl: endpoint on networks you do not trust")
         if not self.factory.model_dir.is_dir():
             self.log.warn("The model folder {models} does not exist yet", models=self.factory.model_dir)
         self.factory.server_started()

@@ -128,6 +128,10 @@ class EncodeTests(SynchronousTestCase):
         self.assertRaises(ValueError, encode, b'{"a":1}\x00', 16)
         self.assertRaises(ValueError, encode, b"\x00", 16)
 
+    def test_refuses_empty_payload(self):
+        # It would frame as two EOMs, which a receiver skips: the message would vanish.
+        self.assertRaises(ValueError, encode, b"", 16)
+
     def test_round_trip_each_size(self):
         for p in PACKET_SIZES:
             for n in (1, p - 1, p, p + 1, 3 * p):

@@ -43,7 +43,7 @@ SD15_SCHEDULER_CONFIG = dict(
     steps_offset=1,
 )
 
-# A benchmark-sized random model: about 1-3 s for a 20-step 256x256 image on a laptop CPU,
+# A benchmark-sized random model: about 2 s for a 20-step 256x256 image on 2 CPU cores,
 # big enough that per-step overheads in the server show up next to the model's own time.
 SMALL_SIZES = dict(
     block_out_channels=(64, 128, 256),

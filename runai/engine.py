@@ -52,6 +52,22 @@ DTYPES = {
 MAX_CAUSE_CHARS = 500
 
 
+def _dtype_keyword():
+    """``dtype`` where diffusers has it, else the older ``torch_dtype``.
+
+    Newer diffusers deprecate ``torch_dtype`` (with a warning on every load); older ones
+    silently ignore ``dtype``, which would load float32 onto the GPU.
+    """
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+DTYPE_KEYWORD = _dtype_keyword()
+
+
 class _DropPromptText(logging.Filter):
     """Drop diffusers' warning that quotes the truncated part of a long prompt.
 
@@ -163,20 +179,31 @@ class Engine:
             pipe = StableDiffusionPipeline.from_pretrained(
                 model_path,
                 local_files_only=True,
-                dtype=self.dtype,
+                **{DTYPE_KEYWORD: self.dtype},
                 safety_checker=None,
                 requires_safety_checker=False,
                 # Without accelerate, diffusers warns and falls back to False anyway.
                 low_cpu_mem_usage=diffusers.utils.is_accelerate_available(),
             )
-            pipe = pipe.to(self.device)
+            if pipe.unet.dtype != self.dtype:
+                # Whatever the keyword's fate in some diffusers release, never run in
+                # another precision than the one asked for.
+                pipe = pipe.to(self.device, self.dtype)
+            else:
+                pipe = pipe.to(self.device)
         except Exception as e:
             pipe = None
-            self._free_memory()
-            cause = f"{type(e).__name__}: {e}"
             # The server's own paths are no business of the client's.
-            cause = cause.replace(model_path, name)[:MAX_CAUSE_CHARS]
-            log.failure("loading model {name} failed", name=name)
+            cause = f"{type(e).__name__}: {e}".replace(model_path, name)[:MAX_CAUSE_CHARS]
+        else:
+            cause = None
+        if cause is not None:
+            # Outside the except block, so that the traceback, and the half-loaded
+            # weights its frames hold, are gone before memory is freed.
+            self._free_memory()
+            # The cause is the whole story for a bad folder; a traceback would only add
+            # diffusers' internals to the log.
+            log.error("loading model {name} failed: {cause}", name=name, cause=cause)
             raise errors.RunaiError(errors.MODEL_LOAD_FAILED, f"could not load model {name!r}: {cause}")
         pipe.set_progress_bar_config(disable=True)
         self._use_fast_attention(pipe)
@@ -262,9 +289,15 @@ class Engine:
                     )
                     produced += 1
         except torch.OutOfMemoryError:
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:
+            # Freed outside the except block: the traceback's frames hold the batch's
+            # tensors until it ends, and the model stays loaded for the next request.
             self._free_memory()
             raise errors.RunaiError(
-                errors.INTERNAL,
+                errors.OUT_OF_MEMORY,
                 f"out of memory generating {request.n_samples} image(s) of "
                 f"{request.width}x{request.height}; try fewer samples or a smaller size",
             )

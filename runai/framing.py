@@ -152,7 +152,14 @@ class Decoder:
                 if boundary > self._max_padded:
                     self._failed = True
                     raise MessageTooLarge(boundary, self.max_message_size)
-                payload = bytes(buffer[:boundary]).rstrip(b"\x00")
+                # Only the last data packet can end in NULs: an all-NUL packet before it
+                # would have been the EOM. Strip there alone, and copy the payload once
+                # (bytes(buffer[:boundary]) copies a large message twice).
+                end = boundary
+                if boundary:
+                    end -= size - len(buffer[boundary - size:boundary].rstrip(b"\x00"))
+                with memoryview(buffer) as view:
+                    payload = bytes(view[:end])
                 del buffer[:boundary + size]
                 self._in_message = False
                 self._scan = 0

@@ -105,9 +105,19 @@ def png_chunk_types(data):
     return types
 
 
-class ImageTests(SynchronousTestCase):
+class EngineTestCase(SynchronousTestCase):
+    """One intra-op thread: the tiny model gains nothing from more, and on a busy
+    machine (CI, other tests in parallel) OpenMP's spinning threads can make these
+    tests ten times slower."""
+
     def setUp(self):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self.addCleanup(torch.set_num_threads, threads)
         self.engine = Engine(device="cpu")
+
+
+class ImageTests(EngineTestCase):
 
     def test_png_of_requested_size(self):
         recorder = generate(self.engine, request(width=96, height=64))
@@ -179,9 +189,7 @@ class ImageTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, errors.NOT_IMPLEMENTED)
 
 
-class ProgressTests(SynchronousTestCase):
-    def setUp(self):
-        self.engine = Engine(device="cpu")
+class ProgressTests(EngineTestCase):
 
     def test_progress_per_step(self):
         recorder = generate(self.engine, request(steps=3))
@@ -230,9 +238,7 @@ class ProgressTests(SynchronousTestCase):
         self.assertEqual(after.png, fresh.png)
 
 
-class SchedulerTests(SynchronousTestCase):
-    def setUp(self):
-        self.engine = Engine(device="cpu")
+class SchedulerTests(EngineTestCase):
 
     def test_every_scheduler(self):
         for name in SCHEDULERS:
@@ -259,9 +265,7 @@ class SchedulerTests(SynchronousTestCase):
         self.assertNotEqual(a, b)
 
 
-class LoadingTests(SynchronousTestCase):
-    def setUp(self):
-        self.engine = Engine(device="cpu")
+class LoadingTests(EngineTestCase):
 
     def test_model_stays_loaded(self):
         generate(self.engine, request())
@@ -291,23 +295,23 @@ class LoadingTests(SynchronousTestCase):
         return error
 
     def test_missing_model(self):
-        self.assertLoadFails(Path(self.mktemp()) / "nowhere", "nowhere")
+        self.assertLoadFails(Path(self.mktemp()).absolute() / "nowhere", "nowhere")
 
     def test_broken_model_index(self):
-        path = Path(self.mktemp())
+        path = Path(self.mktemp()).absolute()
         path.mkdir()
         (path / "model_index.json").write_text("{not json")
         self.assertLoadFails(path)
 
     def test_missing_weights(self):
-        path = Path(self.mktemp())
+        path = Path(self.mktemp()).absolute()
         shutil.copytree(tiny_model(), path)
         for weights in (path / "unet").glob("*.safetensors"):
             weights.unlink()
         self.assertLoadFails(path)
 
     def test_wrong_component_class(self):
-        path = Path(self.mktemp())
+        path = Path(self.mktemp()).absolute()
         shutil.copytree(tiny_model(), path)
         index = json.loads((path / "model_index.json").read_text())
         index["unet"] = ["diffusers", "NoSuchModel"]
@@ -316,7 +320,7 @@ class LoadingTests(SynchronousTestCase):
 
     def test_failed_load_unloads_previous_and_recovers(self):
         generate(self.engine, request())
-        self.assertLoadFails(Path(self.mktemp()) / "nowhere", "nowhere")
+        self.assertLoadFails(Path(self.mktemp()).absolute() / "nowhere", "nowhere")
         self.assertIsNone(self.engine.model_path)
         self.assertEqual(len(generate(self.engine, request()).images), 1)
         self.assertEqual(self.engine.load_count, 2)
@@ -349,7 +353,7 @@ class LoadingTests(SynchronousTestCase):
         self.assertTrue(any(e.get("what") == "prompt" for e in events), "truncation is reported")
 
 
-class DeviceTests(SynchronousTestCase):
+class DeviceTests(EngineTestCase):
     def test_cpu(self):
         engine = Engine(device="cpu")
         self.assertEqual((engine.device.type, engine.dtype), ("cpu", torch.float32))
@@ -363,6 +367,15 @@ class DeviceTests(SynchronousTestCase):
     def test_dtypes(self):
         for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("float32", torch.float32)):
             self.assertEqual(Engine(device="cpu", dtype=name).dtype, dtype)
+
+    def test_model_loaded_in_engine_dtype(self):
+        # The folder holds float32 weights; the engine's dtype must win, as it will for
+        # float32 checkpoints served in float16 on a GPU.
+        engine = Engine(device="cpu", dtype="bfloat16")
+        recorder = generate(engine, request())
+        self.assertEqual(len(recorder.images), 1)
+        for module in (engine.pipe.unet, engine.pipe.vae, engine.pipe.text_encoder):
+            self.assertEqual(module.dtype, torch.bfloat16)
 
     def test_bad_dtype(self):
         with self.assertRaises(errors.RunaiError):

@@ -22,6 +22,7 @@ import gc  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
@@ -29,7 +30,9 @@ import transformers  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
-from runai import errors  # noqa: E402
+from runai import errors, modes, prompts  # noqa: E402
+from runai.request import GENERATION_ACTIONS  # noqa: E402
+from runai.safety import SafetyChecker  # noqa: E402
 from runai.schedulers import make_scheduler  # noqa: E402
 
 log = Logger()
@@ -93,6 +96,8 @@ class GeneratedImage:
     width: int
     height: int
     index: int  # position among the request's images, 0 .. n_samples * n_iter - 1
+    nsfw_checked: Optional[bool] = None  # None: not asked for; False: asked, checker missing
+    withheld: bool = False  # flagged by the safety checker: no pixels go out
 
 
 def resolve_device(device="auto"):
@@ -158,6 +163,8 @@ class Engine:
         self.model_path = None
         self.load_count = 0
         self._scheduler_config = None
+        self._modes = modes.ModePipelines()
+        self._safety = None
         log.info("engine on {device} with {dtype}", device=str(self.device), dtype=str(self.dtype))
 
     # -- model ------------------------------------------------------------------------
@@ -248,24 +255,32 @@ class Engine:
     # -- generation -------------------------------------------------------------------
 
     def generate(self, request, on_progress, on_image, is_cancelled):
-        """Run a txt2img request; returns the number of images produced.
+        """Run a txt2img, img2img, inpaint or outpaint request; returns the image count.
 
         ``on_progress(step, total)`` follows each denoising step, counted over all of the
         request's batches; ``on_image(GeneratedImage)`` follows each image; a true
         ``is_cancelled()`` stops the job at the next step with JobCancelled.
         """
-        if request.action != "txt2img":
+        if request.action not in GENERATION_ACTIONS:
             raise errors.RunaiError(
                 errors.NOT_IMPLEMENTED, f"action {request.action!r} is not served by this engine"
             )
         if is_cancelled():
             raise errors.JobCancelled()
-        pipe = self.load(request.model_path, request.model_name)
+        # Decoded before the model loads: a broken image should not cost a load.
+        inputs = modes.prepare_inputs(request)
+        base = self.load(request.model_path, request.model_name)
         if is_cancelled():
             raise errors.JobCancelled()
+        cls, mode_kwargs = modes.plan(base, request, inputs)
+        pipe = self._modes.get(base, cls)
         pipe.scheduler = make_scheduler(request.scheduler, self._scheduler_config)
-        self._warn_if_truncated(pipe, request)
         log.debug("prompt {prompt!r} negative {negative!r}", prompt=request.prompt, negative=request.negative_prompt)
+        if prompts.needs_chunks(pipe.tokenizer, request.prompt, request.negative_prompt):
+            embeds = prompts.encode(pipe, request.prompt, request.negative_prompt, self.device)
+            log.info("long prompt encoded in {n} chunks", n=embeds[0].shape[1] // pipe.tokenizer.model_max_length)
+        else:
+            embeds = None
 
         seeds = request.seeds()
         done = 0  # denoising steps run in earlier batches
@@ -275,16 +290,23 @@ class Engine:
                 if is_cancelled():
                     raise errors.JobCancelled()
                 batch_seeds = seeds[batch * request.n_samples : (batch + 1) * request.n_samples]
-                images, done = self._run_batch(pipe, request, batch_seeds, done, on_progress, is_cancelled)
+                images, done = self._run_batch(
+                    pipe, request, batch_seeds, done, on_progress, is_cancelled, mode_kwargs, embeds
+                )
+                images = [modes.finish(image, request, inputs) for image in images]
+                flags = self._check(request, images)
                 for k, image in enumerate(images):
                     index = batch * request.n_samples + k
+                    withheld = flags is not None and flags[k]
                     on_image(
                         GeneratedImage(
-                            png=encode_png(image),
+                            png=b"" if withheld else encode_png(image),
                             seed=seeds[index],
                             width=image.width,
                             height=image.height,
                             index=index,
+                            nsfw_checked=None if not request.nsfw_filter else flags is not None,
+                            withheld=withheld,
                         )
                     )
                     produced += 1
@@ -303,7 +325,15 @@ class Engine:
             )
         return produced
 
-    def _run_batch(self, pipe, request, seeds, done, on_progress, is_cancelled):
+    def _check(self, request, images):
+        """Safety-checker flags per image, or None when not asked for or not installed."""
+        if not request.nsfw_filter or request.safety_checker is None:
+            return None
+        if self._safety is None:
+            self._safety = SafetyChecker(self.device, self.dtype)
+        return self._safety.flags(request.safety_checker, images)
+
+    def _run_batch(self, pipe, request, seeds, done, on_progress, is_cancelled, mode_kwargs, embeds):
         """Denoise one batch; returns (PIL images, steps done so far in the request)."""
         # One generator per image: image k's noise depends on its seed alone, so it comes
         # out the same in a batch of 4 as alone (up to batched arithmetic).
@@ -312,7 +342,8 @@ class Engine:
 
         def on_step_end(pipeline, i, t, callback_kwargs):
             # num_timesteps is the length of the schedule actually run: more than
-            # ``steps`` for second-order schedulers (Heun, DPM2) and for PLMS.
+            # ``steps`` for second-order schedulers (Heun, DPM2) and for PLMS, fewer
+            # than ``steps`` for img2img and inpainting below strength 1.
             per_batch = pipeline.num_timesteps
             counter["done"] = done + i + 1
             on_progress(counter["done"], per_batch * request.n_iter)
@@ -320,12 +351,15 @@ class Engine:
                 raise errors.JobCancelled()
             return callback_kwargs
 
+        if embeds is None:
+            text = dict(prompt=request.prompt, negative_prompt=request.negative_prompt)
+        else:
+            text = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1])
         with torch.inference_mode():
             result = pipe(
-                prompt=[request.prompt] * len(seeds),
-                negative_prompt=[request.negative_prompt] * len(seeds),
-                width=request.width,
-                height=request.height,
+                **text,
+                **mode_kwargs,
+                num_images_per_prompt=len(seeds),
                 num_inference_steps=request.steps,
                 guidance_scale=request.scale,
                 eta=request.ddim_eta,
@@ -334,17 +368,3 @@ class Engine:
                 callback_on_step_end=on_step_end,
             )
         return result.images, counter["done"]
-
-    def _warn_if_truncated(self, pipe, request):
-        tokenizer = pipe.tokenizer
-        for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
-            if not text:
-                continue
-            count = len(tokenizer(text, truncation=False).input_ids)
-            if count > tokenizer.model_max_length:
-                log.info(
-                    "{what} of {count} tokens truncated to {limit}",
-                    what=what,
-                    count=count,
-                    limit=tokenizer.model_max_length,
-                )

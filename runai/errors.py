@@ -21,6 +21,7 @@ NOT_IMPLEMENTED = "not_implemented"
 CANCELLED = "cancelled"
 SHUTTING_DOWN = "shutting_down"
 OUT_OF_MEMORY = "out_of_memory"
+SAFETY_CHECKER_MISSING = "safety_checker_missing"
 IDLE_TIMEOUT = "idle_timeout"  # half a message, then silence
 INTERNAL = "internal"
 

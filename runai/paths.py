@@ -10,6 +10,8 @@ from pathlib import Path
 from runai import errors
 
 MAX_NAME_LENGTH = 4096
+# The NSFW checker's folder, relative to the model folder: the Hub name users know.
+SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 
 
 def _check_name(value, what):
@@ -82,3 +84,11 @@ def resolve_model(model_dir, name, base_path=None):
             "single-file .safetensors/.ckpt models are not served yet",
         )
     return resolved, display
+
+
+def safety_checker_path(model_dir):
+    """The safety checker's folder if it is installed in the model folder, else None."""
+    resolved = contained(model_dir, model_dir / SAFETY_CHECKER)
+    if resolved is None or not (resolved / "config.json").is_file():
+        return None
+    return str(resolved)

@@ -10,13 +10,17 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from runai import errors
-from runai.paths import resolve_model
+from runai.images import EncodedImage, check_image
+from runai.paths import resolve_model, safety_checker_path
 from runai.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 GENERATION_ACTIONS = ("txt2img", "img2img", "inpaint", "outpaint")
 # Legacy actions that later work will serve; answered with not_implemented until then.
-PLANNED_ACTIONS = ("img2img", "inpaint", "outpaint", "convert")
-SERVED_ACTIONS = ("txt2img",)
+PLANNED_ACTIONS = ("convert",)
+SERVED_ACTIONS = GENERATION_ACTIONS
+# Actions that start from the client's picture, and those that repaint part of it.
+IMAGE_ACTIONS = ("img2img", "inpaint", "outpaint")
+MASK_ACTIONS = ("inpaint", "outpaint")
 MAX_ID_LENGTH = 128
 MAX_SEED = 2**32 - 1
 
@@ -66,6 +70,10 @@ class GenerationRequest:
     strength: float = 0.8
     pos_x: int = 0
     pos_y: int = 0
+    pixels: Optional[EncodedImage] = None  # img2img, inpaint, outpaint
+    mask: Optional[EncodedImage] = None  # white = repaint; transparency in pixels counts too
+    nsfw_filter: bool = False
+    safety_checker: Optional[str] = None  # the checker's folder, when asked for and installed
     id: object = None
 
     @property
@@ -125,6 +133,12 @@ class _Options:
             return name, self.options[name]
         return prefixed, None
 
+    def raw(self, name, required=False):
+        key, value = self._raw(name)
+        if value is None and required:
+            raise errors.RunaiError(errors.BAD_REQUEST, f"missing option {name!r} (the {self.action} input image)")
+        return value
+
     def string(self, name, default=None, max_chars=None):
         key, value = self._raw(name)
         if value is None:
@@ -160,8 +174,8 @@ class _Options:
         return float(value)
 
 
-def _size(opts, name, limits):
-    value = opts.integer(name, 512, limits.min_size, limits.max_size)
+def _size(opts, name, limits, default=512):
+    value = opts.integer(name, default, limits.min_size, limits.max_size)
     if value % limits.size_multiple:
         raise errors.RunaiError(
             errors.OUT_OF_RANGE,
@@ -177,8 +191,28 @@ def parse_generation(action, options, model_dir, limits):
     prompt = opts.string("prompt", default="", max_chars=limits.max_prompt_chars)
     negative = opts.string("negative_prompt", default="", max_chars=limits.max_prompt_chars)
     steps = opts.integer("steps", 20, 1, limits.max_steps)
-    width = _size(opts, "width", limits)
-    height = _size(opts, "height", limits)
+    pixels = mask = None
+    default_width = default_height = 512
+    if action in IMAGE_ACTIONS:
+        pixels = check_image(opts.raw("pixels", required=True), "pixels")
+        # Without an explicit size, paint at the picture's own size (to the multiple of 8).
+        multiple = limits.size_multiple
+        default_width = max(limits.min_size, pixels.width // multiple * multiple)
+        default_height = max(limits.min_size, pixels.height // multiple * multiple)
+    if action in MASK_ACTIONS:
+        raw_mask = opts.raw("mask")
+        mask = None if raw_mask is None else check_image(raw_mask, "mask")
+    width = _size(opts, "width", limits, default_width)
+    height = _size(opts, "height", limits, default_height)
+    strength = opts.number("strength", 1.0 if action in MASK_ACTIONS else 0.8, 0.0, 1.0)
+    if action in IMAGE_ACTIONS and int(steps * strength) < 1:
+        raise errors.RunaiError(
+            errors.OUT_OF_RANGE,
+            f"steps x strength is {steps * strength:g}: no denoising step would run; raise either",
+        )
+    nsfw_filter = options.get("do_nsfw_filter", False)
+    if not isinstance(nsfw_filter, bool):
+        raise errors.RunaiError(errors.BAD_REQUEST, "option 'do_nsfw_filter' must be true or false")
     n_samples = opts.integer("n_samples", 1, 1, limits.max_samples)
     n_iter = opts.integer("n_iter", 1, 1, limits.max_iter)
     if n_samples * width * height > limits.max_batch_pixels:
@@ -214,9 +248,13 @@ def parse_generation(action, options, model_dir, limits):
         n_iter=n_iter,
         scheduler=scheduler,
         ddim_eta=opts.number("ddim_eta", 0.0, 0.0, 1.0),
-        strength=opts.number("strength", 0.8, 0.0, 1.0),
+        strength=strength,
         pos_x=opts.integer("pos_x", 0, -(2**31), 2**31 - 1),
         pos_y=opts.integer("pos_y", 0, -(2**31), 2**31 - 1),
+        pixels=pixels,
+        mask=mask,
+        nsfw_filter=nsfw_filter,
+        safety_checker=safety_checker_path(model_dir) if nsfw_filter else None,
     )
 
 

@@ -51,8 +51,11 @@ class RunaiFactory(ServerFactory):
 
     def __init__(self, worker, model_dir, clock, stop=None, packet_size=framing.DEFAULT_PACKET_SIZE,
                  max_message_size=framing.DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=60.0,
-                 auto_shutdown=False, timeout=60.0, limits=Limits()):
+                 auto_shutdown=False, timeout=60.0, limits=Limits(), refuse_unchecked=False):
         self.worker = worker
+        # What to do when a client asks for the NSFW filter and its model is not installed:
+        # refuse, or generate and say in each image reply that it was not checked.
+        self.refuse_unchecked = refuse_unchecked
         self.model_dir = Path(model_dir).resolve()
         self.clock = clock
         self.stop = stop
@@ -115,6 +118,16 @@ class RunaiFactory(ServerFactory):
                 request.action, request.id,
             )
             return
+        if request.nsfw_filter and request.safety_checker is None:
+            if self.refuse_unchecked:
+                proto.send_error(errors.RunaiError(
+                    errors.SAFETY_CHECKER_MISSING,
+                    "do_nsfw_filter was asked for, but the safety checker is not installed: put "
+                    "CompVis/stable-diffusion-safety-checker in the model folder",
+                ), request.action, request.id)
+                return
+            self.log.warn("do_nsfw_filter asked for, but no safety checker is installed: "
+                          "images go out marked nsfw_checked=false")
         job = Job(request, proto, self)
         try:
             self.worker.submit(job)
@@ -168,11 +181,20 @@ class RunaiFactory(ServerFactory):
         self._reply(job, {"action": 4, "step": step, "total": total})
 
     def job_image(self, job, image):
-        self._reply(job, {
+        about = {"seed": image.seed, "width": image.width, "height": image.height, "index": image.index}
+        if getattr(image, "withheld", False):
+            # No "image" key: a legacy client ignores this message instead of showing it.
+            self._reply(job, dict(about, action="withheld", reason="nsfw"))
+            return
+        message = {
             "image": base64.b64encode(image.png).decode("ascii"),
             "pos_x": job.request.pos_x, "pos_y": job.request.pos_y,
-            "seed": image.seed, "width": image.width, "height": image.height, "index": image.index,
-        })
+        }
+        message.update(about)
+        checked = getattr(image, "nsfw_checked", None)
+        if checked is not None:
+            message["nsfw_checked"] = checked
+        self._reply(job, message)
 
     def job_done(self, job, count, seconds):
         self._forget(job)

@@ -53,6 +53,9 @@ class Options(usage.Options):
                                      "(seconds).", float],
         ["device", None, "auto", "auto, cpu, cuda or cuda:N."],
         ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
+        ["missing-safety-checker", None, "unchecked",
+         "When a client asks for the NSFW filter and CompVis/stable-diffusion-safety-checker is not in "
+         "the model folder: 'refuse' the request, or generate 'unchecked' and say so in each reply."],
     ]
 
     def postOptions(self):
@@ -67,6 +70,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
         if not DEVICE_RE.match(self["device"]):
             raise usage.UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {self['device']!r}")
+        if self["missing-safety-checker"] not in ("refuse", "unchecked"):
+            raise usage.UsageError("--missing-safety-checker must be 'refuse' or 'unchecked'")
         if self["dtype"] not in DTYPES:
             raise usage.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self['dtype']!r}")
         self["model-dir"] = os.path.realpath(os.path.expanduser(self["model-dir"]))
@@ -156,6 +161,7 @@ def makeService(config, reactor=None):
         worker, config["model-dir"], clock=reactor, stop=stop,
         packet_size=config["packet-size"], max_message_size=config["max-message-size"],
         idle_timeout=config["idle-timeout"], auto_shutdown=config["auto-shutdown"], timeout=config["timeout"],
+        refuse_unchecked=config["missing-safety-checker"] == "refuse",
     )
     top = service.MultiService()
     WorkerService(worker).setServiceParent(top)

@@ -185,7 +185,7 @@ class ImageTests(EngineTestCase):
 
     def test_unserved_action(self):
         with self.assertRaises(errors.RunaiError) as caught:
-            generate(self.engine, request(action="img2img"))
+            generate(self.engine, request(action="convert"))
         self.assertEqual(caught.exception.code, errors.NOT_IMPLEMENTED)
 
 
@@ -326,8 +326,8 @@ class LoadingTests(EngineTestCase):
         self.assertEqual(self.engine.load_count, 2)
 
     def test_prompt_not_logged_above_debug(self):
-        # A prompt longer than CLIP's 77 tokens makes diffusers warn, quoting the cut
-        # text; the engine must keep prompts out of any log but the debug one.
+        # A prompt longer than CLIP's 77 tokens is encoded in chunks and logged as such;
+        # prompts stay out of any log but the debug one.
         secret = "zebra " * 60
         events = []
         records = []
@@ -350,7 +350,7 @@ class LoadingTests(EngineTestCase):
         for event in events:
             if event.get("log_level") != LogLevel.debug:
                 self.assertNotIn("zebra", repr(event))
-        self.assertTrue(any(e.get("what") == "prompt" for e in events), "truncation is reported")
+        self.assertTrue(any("in {n} chunks" in (e.get("log_format") or "") for e in events), "chunking is reported")
 
 
 class DeviceTests(EngineTestCase):

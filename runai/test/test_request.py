@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from runai import errors
 from runai.request import (
+    PLANNED_ACTIONS,
     MAX_ID_LENGTH,
     MAX_SEED,
     Cancel,
@@ -112,7 +113,7 @@ class ParseRequestTests(ModelDirMixin, SynchronousTestCase):
         self.assertLess(len(e.message), 500)
 
     def test_planned_actions_not_implemented(self):
-        for action in ("img2img", "inpaint", "outpaint", "convert"):
+        for action in PLANNED_ACTIONS:
             self.assert_code({"action": action, "options": {}}, errors.NOT_IMPLEMENTED)
 
     # txt2img ----------------------------------------------------------------------------
@@ -161,6 +162,7 @@ class ParseRequestTests(ModelDirMixin, SynchronousTestCase):
             strength=0.25,
             pos_x=10,
             pos_y=-20,
+            nsfw_filter=True,
             id="r1",
         ))
         self.assertIsInstance(request.scale, float)

@@ -1,0 +1,87 @@
+"""The four generation modes on one loaded model: which pipeline, which inputs, and what
+happens to the images afterwards. Worker thread only (imports diffusers).
+
+All modes share the loaded model's weights: the img2img and inpaint pipelines are built
+from the txt2img pipeline's components, which costs no memory and no load.
+"""
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+from PIL import Image
+
+from runai import errors, images
+
+
+@dataclass
+class Inputs:
+    """Decoded client images, at the size the request asked for."""
+
+    init: Optional[Image.Image] = None  # RGB
+    mask: Optional[Image.Image] = None  # L, white = repaint
+
+
+def is_inpainting_model(pipe):
+    # Inpainting UNets take the latents, the mask and the masked image: 4 + 1 + 4 channels.
+    return pipe.unet.config.in_channels == 9
+
+
+def prepare_inputs(request):
+    if request.pixels is None:
+        if request.action != "txt2img":
+            raise errors.RunaiError(errors.BAD_REQUEST, f"{request.action} needs an input image ('pixels')")
+        return Inputs()
+    need_mask = request.action in ("inpaint", "outpaint")
+    init, mask = images.prepare(request.pixels, request.mask, request.width, request.height, need_mask)
+    return Inputs(init, mask if need_mask else None)
+
+
+class ModePipelines:
+    """Derived pipelines per loaded model, kept only as long as that model is loaded."""
+
+    def __init__(self):
+        self._derived = weakref.WeakKeyDictionary()
+
+    def get(self, pipe, cls):
+        if cls is type(pipe):
+            return pipe
+        per_model = self._derived.setdefault(pipe, {})
+        if cls not in per_model:
+            derived = cls(**pipe.components, requires_safety_checker=False)
+            derived.set_progress_bar_config(disable=True)
+            per_model[cls] = derived
+        return per_model[cls]
+
+
+def plan(pipe, request, inputs):
+    """The pipeline class and the mode-specific call arguments for ``request``."""
+    size = dict(width=request.width, height=request.height)
+    if is_inpainting_model(pipe):
+        # An inpainting UNet cannot run the plain pipelines: give it a canvas to repaint
+        # whole (txt2img) or a picture to repaint whole at the request's strength (img2img).
+        if request.action == "txt2img":
+            init = Image.new("RGB", (request.width, request.height), (127, 127, 127))
+            return StableDiffusionInpaintPipeline, dict(size, image=init, mask_image=_full_mask(request), strength=1.0)
+        if request.action == "img2img":
+            return StableDiffusionInpaintPipeline, dict(
+                size, image=inputs.init, mask_image=_full_mask(request), strength=request.strength)
+    if request.action == "txt2img":
+        return type(pipe), size
+    if request.action == "img2img":
+        # The img2img pipeline paints at the size of its input, already resized to the request's.
+        return StableDiffusionImg2ImgPipeline, dict(image=inputs.init, strength=request.strength)
+    return StableDiffusionInpaintPipeline, dict(
+        size, image=inputs.init, mask_image=inputs.mask, strength=request.strength)
+
+
+def _full_mask(request):
+    return Image.new("L", (request.width, request.height), 255)
+
+
+def finish(image, request, inputs):
+    """Put the client's untouched pixels back around an inpainted or outpainted region."""
+    if inputs.mask is not None:
+        return images.paste_unmasked(image, inputs.init, inputs.mask)
+    return image

@@ -31,13 +31,21 @@ def _output_names(output, count):
     return [f"{stem}-{k}{ext or '.png'}" for k in range(count)]
 
 
+def _token(args):
+    """The server's shared secret: from a file or the environment, never the command line."""
+    if args.token_file:
+        with open(os.path.expanduser(args.token_file), encoding="utf-8") as f:
+            return f.read().strip()
+    return os.environ.get("RUNAI_TOKEN") or None
+
+
 def generate(args):
     request = txt2img_request(
         args.prompt, args.model,
         negative_prompt=args.negative, steps=args.steps, scale=args.scale, seed=args.seed,
         width=args.width, height=args.height, n_samples=args.n_samples, scheduler=args.scheduler,
     )
-    with BlockingClient(args.host, args.port, args.packet_size) as client:
+    with BlockingClient(args.host, args.port, args.packet_size, token=_token(args)) as client:
         images = client.run(request, None if args.quiet else _progress_bar(sys.stderr))
     for image, name in zip(images, _output_names(args.output, len(images))):
         with open(name, "wb") as f:
@@ -47,7 +55,7 @@ def generate(args):
 
 
 def ping(args):
-    with BlockingClient(args.host, args.port, args.packet_size, timeout=30) as client:
+    with BlockingClient(args.host, args.port, args.packet_size, timeout=30, token=_token(args)) as client:
         pong = client.ping()
     print(f"runai {pong.get('version')}: {pong.get('queued')} queued, {'busy' if pong.get('busy') else 'idle'}")
     return 0
@@ -59,6 +67,8 @@ def parser():
     common.add_argument("--host", default="127.0.0.1")
     common.add_argument("--port", type=int, default=50007)
     common.add_argument("--packet-size", type=int, default=framing.DEFAULT_PACKET_SIZE)
+    common.add_argument("--token-file", default=None,
+                        help="file holding the server's token (or set RUNAI_TOKEN)")
     commands = top.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", parents=[common], help="txt2img: write the image(s) to a PNG file")

@@ -60,8 +60,10 @@ def image_of(message):
 class BlockingClient:
     """A plain-socket client for scripts: ``with BlockingClient() as c: c.generate(...)``."""
 
-    def __init__(self, host="127.0.0.1", port=50007, packet_size=framing.DEFAULT_PACKET_SIZE, timeout=None):
+    def __init__(self, host="127.0.0.1", port=50007, packet_size=framing.DEFAULT_PACKET_SIZE, timeout=None,
+                 token=None):
         self.packet_size = packet_size
+        self.token = token
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.decoder = framing.Decoder(packet_size, max_message_size=1 << 30)
         self._pending = []
@@ -76,6 +78,8 @@ class BlockingClient:
         self.sock.close()
 
     def send(self, obj):
+        if self.token is not None:
+            obj = dict(obj, token=self.token)
         self.sock.sendall(encode_request(obj, self.packet_size))
 
     def send_control(self, byte):
@@ -128,6 +132,7 @@ class RunaiClientProtocol(Protocol):
     """
 
     packet_size = framing.DEFAULT_PACKET_SIZE
+    token = None  # the server's shared secret, when it asks for one
 
     def __init__(self, on_message=None):
         self.on_message = on_message
@@ -157,6 +162,8 @@ class RunaiClientProtocol(Protocol):
     def request(self, obj):
         """Send ``obj``; fires with every message of its answer, the last one final."""
         obj = dict(obj)
+        if self.token is not None:
+            obj["token"] = self.token
         if obj.get("id") is None:
             self._next_id += 1
             obj["id"] = f"c{self._next_id}"

@@ -22,6 +22,7 @@ CANCELLED = "cancelled"
 SHUTTING_DOWN = "shutting_down"
 OUT_OF_MEMORY = "out_of_memory"
 SAFETY_CHECKER_MISSING = "safety_checker_missing"
+UNAUTHORIZED = "unauthorized"  # --token-file is set and the request's token is wrong
 IDLE_TIMEOUT = "idle_timeout"  # half a message, then silence
 INTERNAL = "internal"
 

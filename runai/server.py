@@ -5,6 +5,7 @@ all clients share one queue.
 """
 
 import base64
+import hmac
 from pathlib import Path
 
 from twisted.internet.protocol import ServerFactory
@@ -51,8 +52,10 @@ class RunaiFactory(ServerFactory):
 
     def __init__(self, worker, model_dir, clock, stop=None, packet_size=framing.DEFAULT_PACKET_SIZE,
                  max_message_size=framing.DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=60.0,
-                 auto_shutdown=False, timeout=60.0, limits=Limits(), refuse_unchecked=False):
+                 auto_shutdown=False, timeout=60.0, limits=Limits(), refuse_unchecked=False, token=None):
         self.worker = worker
+        # A shared secret for servers listening beyond loopback; None: no token needed.
+        self.token = token.encode("utf-8") if isinstance(token, str) else token
         # What to do when a client asks for the NSFW filter and its model is not installed:
         # refuse, or generate and say in each image reply that it was not checked.
         self.refuse_unchecked = refuse_unchecked
@@ -95,11 +98,14 @@ class RunaiFactory(ServerFactory):
         obj = None
         try:
             obj = decode_message(payload)
+            self._authenticate(obj)
             request = parse_request(obj, self.model_dir, self.limits)
         except errors.RunaiError as e:
             rt, rid = (reqtype(obj), request_id(obj)) if obj is not None else (None, None)
             self.log.info("Refused a request: {code}: {message}", code=e.code, message=e.message)
             proto.send_error(e, rt, rid)
+            if e.code == errors.UNAUTHORIZED:
+                proto.close()
             return
         if isinstance(request, Ping):
             proto.send_message({
@@ -110,6 +116,14 @@ class RunaiFactory(ServerFactory):
             self.cancel(proto, request.id)
         elif isinstance(request, GenerationRequest):
             self.enqueue(proto, request)
+
+    def _authenticate(self, obj):
+        if self.token is None:
+            return
+        given = obj.get("token")
+        # Constant-time: the comparison must not tell an attacker how much of a guess was right.
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token):
+            raise errors.RunaiError(errors.UNAUTHORIZED, "this server needs a valid 'token' in every request")
 
     def enqueue(self, proto, request):
         if request.id is not None and request.id in proto.jobs:

@@ -53,6 +53,8 @@ class Options(usage.Options):
                                      "(seconds).", float],
         ["device", None, "auto", "auto, cpu, cuda or cuda:N."],
         ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
+        ["token-file", None, None, "A file holding a shared secret that every request must carry as "
+                                   "\"token\" (for servers listening beyond loopback)."],
         ["missing-safety-checker", None, "unchecked",
          "When a client asks for the NSFW filter and CompVis/stable-diffusion-safety-checker is not in "
          "the model folder: 'refuse' the request, or generate 'unchecked' and say so in each reply."],
@@ -75,6 +77,15 @@ class Options(usage.Options):
         if self["dtype"] not in DTYPES:
             raise usage.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self['dtype']!r}")
         self["model-dir"] = os.path.realpath(os.path.expanduser(self["model-dir"]))
+        self["token"] = None
+        if self["token-file"] is not None:
+            try:
+                with open(os.path.expanduser(self["token-file"]), encoding="utf-8") as f:
+                    self["token"] = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError(f"--token-file: cannot read {self['token-file']}: {e}")
+            if len(self["token"]) < 16:
+                raise usage.UsageError("--token-file: the token must be at least 16 characters")
         if self["listen"] is None:
             host = endpoints.quoteStringArgument(self["host"])
             self["endpoint"] = f"tcp:port={self['port']}:interface={host}"
@@ -162,6 +173,7 @@ def makeService(config, reactor=None):
         packet_size=config["packet-size"], max_message_size=config["max-message-size"],
         idle_timeout=config["idle-timeout"], auto_shutdown=config["auto-shutdown"], timeout=config["timeout"],
         refuse_unchecked=config["missing-safety-checker"] == "refuse",
+        token=config["token"],
     )
     top = service.MultiService()
     WorkerService(worker).setServiceParent(top)

@@ -161,6 +161,26 @@ class FramingTests(ServerTestCase):
         self.assertEqual(self.stopped, [])
 
 
+class TokenTests(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.factory.token = b"s3cret-s3cret-s3cret"
+
+    def test_no_or_wrong_token_refused_and_closed(self):
+        for token in (None, "guess", 5, "\ud800"):
+            proto, transport = self.connect()
+            message = {"action": "ping"} if token is None else {"action": "ping", "token": token}
+            proto.dataReceived(frame(message))
+            [reply] = self.replies(transport)
+            self.assertEqual(reply["error"]["code"], errors.UNAUTHORIZED)
+            self.assertTrue(transport.disconnecting)
+
+    def test_right_token(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame({"action": "ping", "token": "s3cret-s3cret-s3cret"}))
+        self.assertEqual(self.replies(transport)[0]["action"], "pong")
+
+
 class QueueTests(ServerTestCase):
     def test_generation_replies(self):
         proto, transport = self.connect()

@@ -45,6 +45,17 @@ class OptionsTests(SynchronousTestCase):
         ):
             self.assertRaises(usage.UsageError, self.parse, *args)
 
+    def test_token_file(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("a-long-enough-secret\n")
+        self.assertEqual(self.parse("--token-file", path)["token"], "a-long-enough-secret")
+        self.assertIsNone(self.parse()["token"])
+        with open(path, "w") as f:
+            f.write("short")
+        self.assertRaises(usage.UsageError, self.parse, "--token-file", path)
+        self.assertRaises(usage.UsageError, self.parse, "--token-file", path + "-missing")
+
     def test_make_service(self):
         from twisted.internet.testing import MemoryReactorClock
         reactor = MemoryReactorClock()

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+sys.dont_write_bytecode = True  # write nothing into the checkout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

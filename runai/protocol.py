@@ -25,6 +25,13 @@ class RunaiProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self):
         factory = self.factory
+        # Replies are whole messages written at once; with Nagle's algorithm a small one
+        # (a progress message, an image's last segment) waits for the client's delayed
+        # ACK, adding tens of milliseconds to each request. Not every transport is TCP.
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
         self.decoder = framing.Decoder(factory.packet_size, factory.max_message_size)
         # The factory's clock, so that tests drive idle timeouts with a task.Clock.
         self.callLater = factory.clock.callLater

@@ -192,6 +192,25 @@ class DecoderRoundTripTests(SynchronousTestCase):
 
 # Decoder: control packets and stray EOMs ----------------------------------------------
 
+class LargeMessageTests(SynchronousTestCase):
+    """Large messages are handed over in the decoder's buffer; the bytes must not change."""
+
+    def test_large_message_alone_and_followed(self):
+        big = b'{"s": "' + bytes(range(35, 127)) * 3000 + b'"}'
+        small = b'{"a": 1}'
+        decoder = Decoder(1024, max_message_size=1 << 20)
+        stream = encode(big, 1024)
+        events = []
+        for i in range(0, len(stream), 4096):
+            events += decoder.feed(stream[i:i + 4096])
+        self.assertEqual(events, [Message(big)])
+        # Handed over or copied, the next message must start from a clean buffer.
+        events = decoder.feed(encode(big, 1024) + encode(small, 1024))
+        self.assertEqual(events, [Message(big), Message(small)])
+        self.assertEqual(decoder.feed(encode(big, 1024)), [Message(big)])
+        self.assertEqual(decoder.buffered, 0)
+
+
 class ControlPacketTests(SynchronousTestCase):
     p = 16
 

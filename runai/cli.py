@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from runai import framing
+from runai import framing, history_cli, library_cli
 from runai.client import BlockingClient, ServerError, txt2img_request
 
 
@@ -89,6 +89,9 @@ def parser():
 
     p = commands.add_parser("ping", parents=[common], help="check that the server answers")
     p.set_defaults(func=ping)
+
+    history_cli.add_commands(commands, common)
+    library_cli.add_commands(commands, common)
     return top
 
 

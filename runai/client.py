@@ -104,6 +104,16 @@ class BlockingClient:
             if "error" in message:
                 raise ServerError(message["error"]["code"], message["error"]["message"])
 
+    def models(self):
+        """The server's model list: one dict per model (name, version, format, ...)."""
+        self.send({"action": "models"})
+        while True:
+            message = self.receive()
+            if message.get("action") == "models":
+                return message.get("models", [])
+            if "error" in message:
+                raise ServerError(message["error"]["code"], message["error"]["message"])
+
     def run(self, request, on_message=None):
         """Send a generation request; return its images once done (raises ServerError)."""
         self.send(request)
@@ -155,7 +165,7 @@ class RunaiClientProtocol(Protocol):
             return
         messages, d = self._waiting[rid]
         messages.append(message)
-        if is_final(message) or message.get("action") == "pong":
+        if is_final(message) or message.get("action") in ("pong", "models"):
             del self._waiting[rid]
             d.callback(messages)
 

@@ -1,8 +1,8 @@
-"""The torch side: loads a diffusers model and turns a request into PNG images.
+"""The torch side: turns a request into PNG images, on the models runai.loader loads.
 
 Only the server's single worker thread imports and calls this module. Nothing in it is
-thread-safe, and nothing needs to be: one job runs at a time, and the loaded pipeline is
-the worker's alone.
+thread-safe, and nothing needs to be: one job runs at a time, and the loaded pipelines
+are the worker's alone.
 """
 
 import os
@@ -17,8 +17,6 @@ os.environ.setdefault("DISABLE_TELEMETRY", "1")
 # Progress bars would go to the server's stderr, one line per load and per image.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import copy  # noqa: E402
-import gc  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -27,10 +25,10 @@ from typing import Optional  # noqa: E402
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
 from runai import errors, modes, prompts  # noqa: E402
+from runai.loader import DTYPE_KEYWORD, MAX_CAUSE_CHARS, ModelLoader  # noqa: E402,F401
 from runai.request import GENERATION_ACTIONS  # noqa: E402
 from runai.safety import SafetyChecker  # noqa: E402
 from runai.schedulers import make_scheduler  # noqa: E402
@@ -50,25 +48,6 @@ DTYPES = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
-
-# Cap on how much of an exception's text goes into a client's error message.
-MAX_CAUSE_CHARS = 500
-
-
-def _dtype_keyword():
-    """``dtype`` where diffusers has it, else the older ``torch_dtype``.
-
-    Newer diffusers deprecate ``torch_dtype`` (with a warning on every load); older ones
-    silently ignore ``dtype``, which would load float32 onto the GPU.
-    """
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return "torch_dtype"
-    return "dtype"
-
-
-DTYPE_KEYWORD = _dtype_keyword()
 
 
 class _DropPromptText(logging.Filter):
@@ -150,19 +129,19 @@ def encode_png(image):
 
 
 class Engine:
-    """Holds at most one loaded pipeline and runs requests on it.
+    """Runs requests on the pipelines its :class:`runai.loader.ModelLoader` keeps loaded
+    (one by default; ``cache_models``/``cache_bytes`` keep more).
 
     ``load_count`` counts loads from disk, so that callers (and tests) can tell that a
     model stays loaded between requests.
     """
 
-    def __init__(self, device="auto", dtype="auto"):
+    def __init__(self, device="auto", dtype="auto", model_dir=None, cache_models=1, cache_bytes=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.pipe = None
-        self.model_path = None
-        self.load_count = 0
-        self._scheduler_config = None
+        # Loading, single files and the cache of loaded models live in runai.loader.
+        # ``model_dir`` is where single files find their base configs and tokenizer.
+        self.loader = ModelLoader(self.device, self.dtype, model_dir, max_models=cache_models, max_bytes=cache_bytes)
         self._modes = modes.ModePipelines()
         self._safety = None
         log.info("engine on {device} with {dtype}", device=str(self.device), dtype=str(self.dtype))
@@ -170,87 +149,49 @@ class Engine:
     # -- model ------------------------------------------------------------------------
 
     def load(self, model_path, model_name=None):
-        """Load the diffusers folder ``model_path`` unless it is the one loaded already.
+        """Load the model at ``model_path`` (a diffusers folder, a ``.safetensors`` or
+        ``.ckpt`` file) unless it is cached; it becomes ``pipe``.
 
         ``model_name`` is how the client named it, for messages (default: the path).
         Raises RunaiError(MODEL_LOAD_FAILED).
         """
-        model_path = str(model_path)
-        name = model_name or model_path
-        if self.pipe is not None and self.model_path == model_path:
-            return self.pipe
-        # Free the old model first: two SD models at once may not fit on the GPU.
-        self.unload()
-        log.info("loading model {name}", name=name)
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                model_path,
-                local_files_only=True,
-                **{DTYPE_KEYWORD: self.dtype},
-                safety_checker=None,
-                requires_safety_checker=False,
-                # Without accelerate, diffusers warns and falls back to False anyway.
-                low_cpu_mem_usage=diffusers.utils.is_accelerate_available(),
-            )
-            if pipe.unet.dtype != self.dtype:
-                # Whatever the keyword's fate in some diffusers release, never run in
-                # another precision than the one asked for.
-                pipe = pipe.to(self.device, self.dtype)
-            else:
-                pipe = pipe.to(self.device)
-        except Exception as e:
-            pipe = None
-            # The server's own paths are no business of the client's.
-            cause = f"{type(e).__name__}: {e}".replace(model_path, name)[:MAX_CAUSE_CHARS]
-        else:
-            cause = None
-        if cause is not None:
-            # Outside the except block, so that the traceback, and the half-loaded
-            # weights its frames hold, are gone before memory is freed.
-            self._free_memory()
-            # The cause is the whole story for a bad folder; a traceback would only add
-            # diffusers' internals to the log.
-            log.error("loading model {name} failed: {cause}", name=name, cause=cause)
-            raise errors.RunaiError(errors.MODEL_LOAD_FAILED, f"could not load model {name!r}: {cause}")
-        pipe.set_progress_bar_config(disable=True)
-        self._use_fast_attention(pipe)
-        self.pipe = pipe
-        self.model_path = model_path
-        # Each request builds its scheduler from this pristine copy, so a request's
-        # overrides (Karras sigmas, ...) never leak into the next request's scheduler.
-        self._scheduler_config = copy.deepcopy(dict(pipe.scheduler.config))
-        self.load_count += 1
-        log.info("loaded model {name}", name=name)
-        return pipe
+        return self.loader.get(model_path, model_name).pipe
 
-    def _use_fast_attention(self, pipe):
-        # diffusers uses torch's SDPA (AttnProcessor2_0) by default; xformers can still
-        # save memory on some CUDA setups, so use it when it is installed and works.
-        if self.device.type != "cuda":
-            return
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            return
-        try:
-            pipe.enable_xformers_memory_efficient_attention()
-            log.info("using xformers memory-efficient attention")
-        except Exception:
-            log.failure("xformers is installed but could not be enabled; using SDPA")
+    @property
+    def pipe(self):
+        """The pipeline of the model used last, or None."""
+        current = self.loader.current
+        return current.pipe if current is not None else None
+
+    @property
+    def model_path(self):
+        current = self.loader.current
+        return current.path if current is not None else None
+
+    @property
+    def load_count(self):
+        """Loads from disk, so that callers (and tests) can tell a cached model from a reload."""
+        return self.loader.load_count
+
+    @property
+    def _scheduler_config(self):
+        current = self.loader.current
+        return current.scheduler_config if current is not None else None
 
     def unload(self):
-        if self.pipe is None:
-            return
-        log.info("unloading model")
-        self.pipe = None
-        self.model_path = None
-        self._scheduler_config = None
-        self._free_memory()
+        self.loader.unload()
 
     def _free_memory(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.loader.free_memory()
+
+    def convert(self, request, on_progress, is_cancelled):
+        """Run a convert request: a single-file checkpoint becomes a diffusers folder.
+
+        Returns a :class:`runai.convert.ConvertResult`.
+        """
+        from runai import convert
+
+        return convert.run_request(request, self.loader, on_progress, is_cancelled)
 
     # -- generation -------------------------------------------------------------------
 
@@ -275,7 +216,6 @@ class Engine:
         cls, mode_kwargs = modes.plan(base, request, inputs)
         pipe = self._modes.get(base, cls)
         pipe.scheduler = make_scheduler(request.scheduler, self._scheduler_config)
-        log.debug("prompt {prompt!r} negative {negative!r}", prompt=request.prompt, negative=request.negative_prompt)
         if prompts.needs_chunks(pipe.tokenizer, request.prompt, request.negative_prompt):
             embeds = prompts.encode(pipe, request.prompt, request.negative_prompt, self.device)
             log.info("long prompt encoded in {n} chunks", n=embeds[0].shape[1] // pipe.tokenizer.model_max_length)

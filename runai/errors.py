@@ -14,6 +14,7 @@ UNKNOWN_SCHEDULER = "unknown_scheduler"
 MODEL_NOT_FOUND = "model_not_found"
 PATH_OUTSIDE_MODEL_DIR = "path_outside_model_dir"
 MODEL_LOAD_FAILED = "model_load_failed"
+CONVERT_FAILED = "convert_failed"  # a convert action that could not finish
 MESSAGE_TOO_LARGE = "message_too_large"
 QUEUE_FULL = "queue_full"
 NOT_FOUND = "not_found"  # cancel of a job this client does not have
@@ -24,6 +25,7 @@ OUT_OF_MEMORY = "out_of_memory"
 SAFETY_CHECKER_MISSING = "safety_checker_missing"
 UNAUTHORIZED = "unauthorized"  # --token-file is set and the request's token is wrong
 IDLE_TIMEOUT = "idle_timeout"  # half a message, then silence
+NO_STORE = "no_store"  # a history action, and the server runs without --db
 INTERNAL = "internal"
 
 

@@ -52,38 +52,75 @@ def resolve_base_path(model_dir, base_path):
     return resolved
 
 
-def resolve_model(model_dir, name, base_path=None):
-    """Map a client's model name to a diffusers model folder inside ``model_dir``.
+# What a model name without an extension may stand for, best first: a diffusers folder
+# loads fastest and needs nothing else; .safetensors needs no unpickling; .ckpt is last.
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
-    ``name`` is relative to ``base_path`` (default: the model folder) or absolute.
+
+def _model_at(resolved):
+    """``"diffusers"`` or ``"file"`` if a model is at the resolved path, else None."""
+    try:
+        if resolved.is_dir():
+            return "diffusers" if (resolved / "model_index.json").is_file() else None
+        if resolved.is_file() and resolved.suffix.lower() in MODEL_FILE_SUFFIXES:
+            return "file"
+    except OSError:
+        # A name too long for the file system (ENAMETOOLONG), a permission error: such a
+        # path cannot be a model, and must not escape as an exception other than RunaiError.
+        pass
+    return None
+
+
+def resolve_model(model_dir, name, base_path=None):
+    """Map a client's model name to a model inside ``model_dir``.
+
+    A model is a diffusers folder (with a ``model_index.json``), a ``.safetensors`` file
+    or a ``.ckpt`` file. A name with an extension is taken as it is; a name without one
+    (``v1/mymodel``) resolves to the best format present: the folder, then
+    ``mymodel.safetensors``, then ``mymodel.ckpt``. ``name`` is relative to ``base_path``
+    (default: the model folder) or absolute. Every candidate is resolved, symlinks
+    included, before it is checked for containment and before it is looked at.
     Returns ``(resolved_path, display_name)`` where the display name is relative to the
     model folder. Raises :class:`runai.errors.RunaiError`.
     """
     _check_name(name, "model")
     base = resolve_base_path(model_dir, base_path)
-    resolved = contained(model_dir, base / name)
+    literal = base / name
+    resolved = contained(model_dir, literal)
     if resolved is None:
         raise errors.RunaiError(
             errors.PATH_OUTSIDE_MODEL_DIR,
             f"model {name!r} is outside the server's model folder",
         )
     display = resolved.relative_to(model_dir).as_posix()
+    if _model_at(resolved):
+        return resolved, display
+    explicit = literal.suffix.lower() in MODEL_FILE_SUFFIXES
+    if not explicit and literal.name:
+        for suffix in MODEL_FILE_SUFFIXES:
+            candidate = literal.with_name(literal.name + suffix)
+            found = contained(model_dir, candidate)
+            if found is None:
+                # A link to elsewhere is refused, not skipped: the client should learn why
+                # the file it sees is not served.
+                raise errors.RunaiError(
+                    errors.PATH_OUTSIDE_MODEL_DIR,
+                    f"model {name + suffix!r} is outside the server's model folder",
+                )
+            if _model_at(found):
+                return found, found.relative_to(model_dir).as_posix()
     try:
         exists = resolved.exists()
-        is_model = exists and (resolved / "model_index.json").is_file()
     except OSError:
-        # A name too long for the file system (ENAMETOOLONG), a permission error: such a
-        # path cannot be a model, and must not escape as an exception other than RunaiError.
-        exists = is_model = False
+        exists = False
     if not exists:
-        raise errors.RunaiError(errors.MODEL_NOT_FOUND, f"no model {display!r} in the model folder")
-    if not is_model:
-        raise errors.RunaiError(
-            errors.MODEL_NOT_FOUND,
-            f"{display!r} is not a diffusers model folder (it has no model_index.json); "
-            "single-file .safetensors/.ckpt models are not served yet",
-        )
-    return resolved, display
+        tried = "" if explicit else f" (looked for a diffusers folder, {display}.safetensors and {display}.ckpt)"
+        raise errors.RunaiError(errors.MODEL_NOT_FOUND, f"no model {display!r} in the model folder{tried}")
+    raise errors.RunaiError(
+        errors.MODEL_NOT_FOUND,
+        f"{display!r} is not a model: neither a diffusers folder (with a model_index.json) "
+        "nor a .safetensors or .ckpt file",
+    )
 
 
 def safety_checker_path(model_dir):

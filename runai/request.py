@@ -5,18 +5,22 @@ reaches the worker. Every size the client controls is bounded here.
 """
 
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from runai import errors
+from runai.history import HISTORY_ACTIONS, parse_history
 from runai.images import EncodedImage, check_image
 from runai.paths import resolve_model, safety_checker_path
 from runai.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 GENERATION_ACTIONS = ("txt2img", "img2img", "inpaint", "outpaint")
 # Legacy actions that later work will serve; answered with not_implemented until then.
-PLANNED_ACTIONS = ("convert",)
+PLANNED_ACTIONS = ()
+# The model library: list the model folder, convert a checkpoint into a diffusers folder.
+LIBRARY_ACTIONS = ("models", "convert")
 SERVED_ACTIONS = GENERATION_ACTIONS
 # Actions that start from the client's picture, and those that repaint part of it.
 IMAGE_ACTIONS = ("img2img", "inpaint", "outpaint")
@@ -49,6 +53,23 @@ class Ping:
 @dataclass(frozen=True)
 class Cancel:
     id: object = None
+
+
+@dataclass(frozen=True)
+class ListModels:
+    id: object = None
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """A single-file checkpoint to become a diffusers folder beside it."""
+
+    model_path: str  # resolved .safetensors/.ckpt, inside the model folder
+    model_name: str
+    target_path: str  # the folder to create: the file's name without its extension
+    target_name: str
+    id: object = None
+    action: str = "convert"
 
 
 @dataclass(frozen=True)
@@ -85,7 +106,7 @@ class GenerationRequest:
         return [self.seed + k for k in range(self.image_count)]
 
 
-Request = Union[Ping, Cancel, GenerationRequest]
+Request = Union[Ping, Cancel, GenerationRequest, ListModels, ConvertRequest]
 
 
 def decode_message(payload):
@@ -258,6 +279,27 @@ def parse_generation(action, options, model_dir, limits):
     )
 
 
+def parse_convert(obj, model_dir, rid):
+    """``convert_model`` names a .safetensors/.ckpt; the new folder goes beside it."""
+    options = obj.get("options", {})
+    if not isinstance(options, dict):
+        raise errors.RunaiError(errors.BAD_REQUEST, "'options' must be a JSON object")
+    opts = _Options("convert", options)
+    source, name = resolve_model(model_dir, opts.string("model", max_chars=4096), options.get("model_base_path"))
+    if source.is_dir():
+        raise errors.RunaiError(errors.BAD_REQUEST, f"{name!r} is a diffusers folder already")
+    # The source was resolved inside the model folder, so its folder is inside it too.
+    target = source.with_name(source.stem)
+    target_name = target.relative_to(model_dir).as_posix()
+    if os.path.lexists(target):
+        raise errors.RunaiError(
+            errors.BAD_REQUEST,
+            f"{target_name!r} already exists; move it away to convert {name!r} (nothing is overwritten)",
+        )
+    return ConvertRequest(model_path=str(source), model_name=name, target_path=str(target),
+                          target_name=target_name, id=rid)
+
+
 def parse_request(obj, model_dir, limits=Limits()):
     """A validated request from a decoded message; raises :class:`RunaiError`."""
     action = obj.get("action")
@@ -280,9 +322,16 @@ def parse_request(obj, model_dir, limits=Limits()):
         merged = {k: v for k, v in obj.items() if k in ("pos_x", "pos_y")}
         merged.update(options)
         return GenerationRequest(id=rid, **parse_generation(action, merged, model_dir, limits))
+    if action == "models":
+        return ListModels(id=rid)
+    if action == "convert":
+        return parse_convert(obj, model_dir, rid)
+    if action in HISTORY_ACTIONS:
+        return parse_history(action, obj, rid)
     if action in PLANNED_ACTIONS:
         raise errors.RunaiError(errors.NOT_IMPLEMENTED, f"action {action!r} is not served by this version of runai yet")
     raise errors.RunaiError(
         errors.UNKNOWN_ACTION,
-        f"unknown action {action[:64]!r}; known: {', '.join(('ping', 'cancel') + SERVED_ACTIONS)}",
+        f"unknown action {action[:64]!r}; known: "
+        f"{', '.join(('ping', 'cancel') + SERVED_ACTIONS + LIBRARY_ACTIONS + HISTORY_ACTIONS)}",
     )

@@ -8,13 +8,18 @@ import base64
 import hmac
 from pathlib import Path
 
+from twisted.internet import defer, threads
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 import runai
-from runai import errors, framing
+from runai import errors, framing, history
 from runai.protocol import RunaiProtocol
-from runai.request import Cancel, GenerationRequest, Limits, Ping, decode_message, parse_request, reqtype, request_id
+from runai.library import ModelLibrary
+from runai.request import (
+    Cancel, ConvertRequest, GenerationRequest, Limits, ListModels, Ping, decode_message, parse_request, reqtype,
+    request_id,
+)
 from runai.worker import Job
 
 
@@ -52,14 +57,20 @@ class RunaiFactory(ServerFactory):
 
     def __init__(self, worker, model_dir, clock, stop=None, packet_size=framing.DEFAULT_PACKET_SIZE,
                  max_message_size=framing.DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=60.0,
-                 auto_shutdown=False, timeout=60.0, limits=Limits(), refuse_unchecked=False, token=None):
+                 auto_shutdown=False, timeout=60.0, limits=Limits(), refuse_unchecked=False, token=None,
+                 log_prompts=False, store=None):
         self.worker = worker
+        # The history (runai.store.Store) with --db; None: nothing is written anywhere.
+        self.store = store
         # A shared secret for servers listening beyond loopback; None: no token needed.
         self.token = token.encode("utf-8") if isinstance(token, str) else token
         # What to do when a client asks for the NSFW filter and its model is not installed:
         # refuse, or generate and say in each image reply that it was not checked.
         self.refuse_unchecked = refuse_unchecked
+        self.log_prompts = log_prompts
         self.model_dir = Path(model_dir).resolve()
+        # What the models action lists; it caches what it has read, by size and mtime.
+        self.library = ModelLibrary(self.model_dir)
         self.clock = clock
         self.stop = stop
         self.packet_size = packet_size
@@ -87,7 +98,10 @@ class RunaiFactory(ServerFactory):
 
     def client_lost(self, proto):
         self.clients.discard(proto)
+        queued = [job for job in self.worker.jobs_of(proto) if job.state == "queued"] if self.store is not None else ()
         self.worker.drop_owner(proto)
+        for job in queued:  # dropped without a job_failed: record them here
+            self.store.failed(getattr(job, "stored", None), errors.JobCancelled("the client disconnected"))
         proto.jobs.clear()
         if self.auto_shutdown is not None and not self.clients:
             self.auto_shutdown.arm("reconnected")
@@ -116,6 +130,52 @@ class RunaiFactory(ServerFactory):
             self.cancel(proto, request.id)
         elif isinstance(request, GenerationRequest):
             self.enqueue(proto, request)
+        elif isinstance(request, history.HistoryRequest):
+            history.answer(self.store, proto, request)
+        elif isinstance(request, ListModels):
+            self.list_models(proto, request)
+        elif isinstance(request, ConvertRequest):
+            self.enqueue_convert(proto, request)
+
+    def list_models(self, proto, request):
+        """Answer ``models`` from a fresh scan of the model folder, so that the list
+        follows the disk; off the reactor thread, since a cold scan reads file headers."""
+        loaded = self.worker.loaded_models()
+
+        def send(entries):
+            proto.send_message({"action": "models", "models": [e.to_wire(loaded) for e in entries],
+                                "id": request.id})
+
+        def failed(failure):
+            self.log.failure("Listing the model folder failed", failure)
+            proto.send_error(errors.RunaiError(errors.INTERNAL, "the model folder could not be listed"),
+                             "models", request.id)
+
+        get_pool = getattr(self.clock, "getThreadPool", None)
+        if get_pool is None:
+            d = defer.maybeDeferred(self.library.scan)  # a test clock: no threads
+        else:
+            d = threads.deferToThreadPool(self.clock, get_pool(), self.library.scan)
+        d.addCallbacks(send, failed)
+
+    def enqueue_convert(self, proto, request):
+        """A conversion is heavy (it loads a whole model): it waits its turn in the queue."""
+        if request.id is not None and request.id in proto.jobs:
+            proto.send_error(
+                errors.RunaiError(errors.BAD_REQUEST, f"a job with id {request.id!r} is already queued or running"),
+                request.action, request.id,
+            )
+            return
+        job = Job(request, proto, self)
+        try:
+            self.worker.submit(job)
+        except errors.RunaiError as e:
+            proto.send_error(e, request.action, request.id)
+            return
+        if request.id is not None and job.state in ("queued", "running"):
+            proto.jobs[request.id] = job
+        self.log.info("Job {serial}: convert {model} into {target}",
+                      serial=job.serial, model=request.model_name, target=request.target_name)
 
     def _authenticate(self, obj):
         if self.token is None:
@@ -150,10 +210,15 @@ class RunaiFactory(ServerFactory):
             return
         if request.id is not None and job.state in ("queued", "running"):
             proto.jobs[request.id] = job
+        if self.store is not None:
+            job.stored = self.store.begin(request)
         self.log.info("Job {serial}: {action} of {model}, {n} image(s), {steps} steps, {w}x{h}",
                       serial=job.serial, action=request.action, model=request.model_name,
                       n=request.image_count, steps=request.steps, w=request.width, h=request.height)
-        self.log.debug("Job {serial} prompt: {prompt!r}", serial=job.serial, prompt=request.prompt)
+        if self.log_prompts:
+            # Only when asked for: twistd writes debug events too, and prompts are private.
+            self.log.debug("Job {serial} prompt: {prompt!r}, negative: {negative!r}", serial=job.serial,
+                           prompt=request.prompt, negative=request.negative_prompt)
 
     def cancel(self, proto, job_id):
         if job_id is None:
@@ -200,6 +265,8 @@ class RunaiFactory(ServerFactory):
             # No "image" key: a legacy client ignores this message instead of showing it.
             self._reply(job, dict(about, action="withheld", reason="nsfw"))
             return
+        if self.store is not None:
+            self.store.add_image(getattr(job, "stored", None), image)
         message = {
             "image": base64.b64encode(image.png).decode("ascii"),
             "pos_x": job.request.pos_x, "pos_y": job.request.pos_y,
@@ -212,12 +279,23 @@ class RunaiFactory(ServerFactory):
 
     def job_done(self, job, count, seconds):
         self._forget(job)
+        if self.store is not None:
+            self.store.finish(getattr(job, "stored", None), "done", seconds=seconds)
+        if isinstance(job.request, ConvertRequest):
+            result = count  # a runai.convert.ConvertResult
+            self.log.info("Job {serial} done: {source} converted into {path} in {seconds:.2f}s",
+                          serial=job.serial, source=result.source, path=result.path, seconds=seconds)
+            self._reply(job, {"action": "done", "path": result.path, "source": result.source,
+                              "format": "diffusers", "version": result.version, "seconds": round(seconds, 3)})
+            return
         self.log.info("Job {serial} done: {count} image(s) in {seconds:.2f}s",
                       serial=job.serial, count=count, seconds=seconds)
         self._reply(job, {"action": "done", "images": count, "seconds": round(seconds, 3)})
 
     def job_failed(self, job, error):
         self._forget(job)
+        if self.store is not None:
+            self.store.failed(getattr(job, "stored", None), error)
         self.log.info("Job {serial} failed: {code}: {message}",
                       serial=job.serial, code=error.code, message=error.message)
         job.owner.send_error(error, job.request.action, job.id)

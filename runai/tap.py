@@ -6,6 +6,7 @@ Imports nothing heavy: torch is imported in the worker thread once the server li
 import ipaddress
 import os
 import re
+import tempfile
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -18,6 +19,29 @@ from runai.worker import Worker
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# A memory bound still caps the count: each cached model holds more than its weights.
+MAX_CACHED_MODELS = 32
+
+
+def parse_cache_size(value):
+    """``(models, bytes)`` from ``--cache-size``: ``"3"`` is three models, ``"8GiB"`` (or
+    8G, 8GB: binary units all) is up to 8 GiB of weights; bytes is None for a count."""
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?", text)
+    if not match:
+        raise ValueError(f"expected a number of models (2) or a size (8GiB), not {value!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if not unit and not text[-1:].isalpha():
+        if not number.is_integer() or not 1 <= number <= MAX_CACHED_MODELS:
+            raise ValueError(f"a number of models must be a whole number from 1 to {MAX_CACHED_MODELS}")
+        return int(number), None
+    size = int(number * _UNITS[unit])
+    if size < 2**20:
+        raise ValueError(f"{value!r} is too small for any model")
+    return MAX_CACHED_MODELS, size
 
 
 def _positive(kind):
@@ -33,9 +57,11 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve Stable Diffusion models from a model folder over the legacy runai socket "
-        "protocol. Binds to 127.0.0.1 unless told otherwise. Writes nothing to disk."
+        "protocol. Binds to 127.0.0.1 unless told otherwise. Writes nothing to disk unless --db is given."
     )
     optFlags = [
+        ["log-prompts", None, "Log each request's prompts (at debug level). Off by default: prompts are "
+                              "private, and twistd writes debug events to its log."],
         ["auto-shutdown", None, "Stop when no client connected within --timeout of start, "
                                 "and --timeout after the last client left; an 'x' packet stops the server."],
     ]
@@ -53,6 +79,12 @@ class Options(usage.Options):
                                      "(seconds).", float],
         ["device", None, "auto", "auto, cpu, cuda or cuda:N."],
         ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
+        ["cache-size", None, "2", "How many models to keep loaded (e.g. 2), or how much memory their weights "
+                                  "may take (e.g. 8GiB, 6000MB); the least recently used one goes first."],
+        ["db", None, None, "Keep a history of requests and images in this SQLCipher database file "
+                           "(encrypted; created if missing). Without it nothing is written."],
+        ["db-key-file", None, None, "A file holding the --db key (else the RUNAI_DB_KEY environment "
+                                    "variable; never on the command line)."],
         ["token-file", None, None, "A file holding a shared secret that every request must carry as "
                                    "\"token\" (for servers listening beyond loopback)."],
         ["missing-safety-checker", None, "unchecked",
@@ -76,6 +108,10 @@ class Options(usage.Options):
             raise usage.UsageError("--missing-safety-checker must be 'refuse' or 'unchecked'")
         if self["dtype"] not in DTYPES:
             raise usage.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self['dtype']!r}")
+        try:
+            self["cache-models"], self["cache-bytes"] = parse_cache_size(self["cache-size"])
+        except ValueError as e:
+            raise usage.UsageError(f"--cache-size: {e}")
         self["model-dir"] = os.path.realpath(os.path.expanduser(self["model-dir"]))
         self["token"] = None
         if self["token-file"] is not None:
@@ -86,6 +122,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--token-file: cannot read {self['token-file']}: {e}")
             if len(self["token"]) < 16:
                 raise usage.UsageError("--token-file: the token must be at least 16 characters")
+        self["db-key"] = None
+        if self["db"] is not None or self["db-key-file"] is not None:
+            from runai.store import check_options  # only with --db: without it no store code runs
+            check_options(self)
         if self["listen"] is None:
             host = endpoints.quoteStringArgument(self["host"])
             self["endpoint"] = f"tcp:port={self['port']}:interface={host}"
@@ -140,6 +180,9 @@ class ListenService(service.Service):
         if not _is_loopback(getattr(address, "host", "127.0.0.1")):
             self.log.warn("Listening beyond loopback: anyone who can reach this port can queue jobs on "
                           "this machine; prefer an ssl: endpoint on networks you do not trust")
+            if getattr(self.factory, "store", None) is not None and getattr(self.factory, "token", None) is None:
+                self.log.warn("--db without --token-file beyond loopback: anyone who can reach this port "
+                              "can read and delete the history")
         if not self.factory.model_dir.is_dir():
             self.log.warn("The model folder {models} does not exist yet", models=self.factory.model_dir)
         self.factory.server_started()
@@ -167,15 +210,28 @@ def makeService(config, reactor=None):
         if reactor.running:
             reactor.stop()
 
-    worker = Worker(reactor, device=config["device"], dtype=config["dtype"])
+    store = None
+    if config.get("db") is not None:
+        from runai import store as history_store
+        store = history_store.from_config(config, reactor)  # a wrong key stops here, with a message
+    # diffusers imports torch._dynamo, which creates $TMPDIR/torchinductor_$USER at import
+    # time; runai compiles nothing. A folder that exists keeps "writes nothing" true.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.gettempdir())
+    worker = Worker(reactor, device=config["device"], dtype=config["dtype"], engine_options=dict(
+        model_dir=config["model-dir"], cache_models=config.get("cache-models", 2),
+        cache_bytes=config.get("cache-bytes"),
+    ))
     factory = RunaiFactory(
         worker, config["model-dir"], clock=reactor, stop=stop,
         packet_size=config["packet-size"], max_message_size=config["max-message-size"],
         idle_timeout=config["idle-timeout"], auto_shutdown=config["auto-shutdown"], timeout=config["timeout"],
         refuse_unchecked=config["missing-safety-checker"] == "refuse",
         token=config["token"],
+        log_prompts=config["log-prompts"], store=store,
     )
     top = service.MultiService()
+    if store is not None:
+        history_store.StoreService(store).setServiceParent(top)  # started first, stopped last
     WorkerService(worker).setServiceParent(top)
     ListenService(reactor, config["endpoint"], factory).setServiceParent(top)
     return top

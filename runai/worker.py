@@ -46,11 +46,11 @@ class Job:
         return f"<Job {self.serial} id={self.id!r} {self.request.action} {self.state}>"
 
 
-def _default_engine_factory(device, dtype):
+def _default_engine_factory(device, dtype, **options):
     # Imported here, in the worker thread, so that the server listens before torch loads.
     from runai.engine import Engine
 
-    return Engine(device=device, dtype=dtype)
+    return Engine(device=device, dtype=dtype, **options)
 
 
 class Worker:
@@ -59,11 +59,14 @@ class Worker:
     max_queued = 256
     max_queued_per_owner = 16
 
-    def __init__(self, reactor, device="auto", dtype="auto", engine_factory=_default_engine_factory, pool=None):
+    def __init__(self, reactor, device="auto", dtype="auto", engine_factory=_default_engine_factory, pool=None,
+                 engine_options=None):
         self.reactor = reactor
         self.device = device
         self.dtype = dtype
         self._engine_factory = engine_factory
+        # More keywords for the engine factory: model_dir, cache_models, cache_bytes.
+        self.engine_options = dict(engine_options or {})
         self._engine = None
         self.pool = pool if pool is not None else ThreadPool(minthreads=1, maxthreads=1, name="runai-worker")
         self._queue = collections.deque()
@@ -101,6 +104,11 @@ class Worker:
     @property
     def busy(self):
         return self.running is not None
+
+    def loaded_models(self):
+        """Paths of the models the engine holds loaded now (a snapshot, safe to read here)."""
+        loader = getattr(self._engine, "loader", None)
+        return tuple(getattr(loader, "loaded_paths", ()))
 
     def jobs_of(self, owner):
         jobs = [job for job in self._queue if job.owner is owner]
@@ -189,7 +197,7 @@ class Worker:
 
     def _get_engine(self):
         if self._engine is None:
-            self._engine = self._engine_factory(self.device, self.dtype)
+            self._engine = self._engine_factory(self.device, self.dtype, **self.engine_options)
         return self._engine
 
     def _execute(self, job):
@@ -197,6 +205,12 @@ class Worker:
             raise errors.JobCancelled()
         engine = self._get_engine()
         call = self.reactor.callFromThread
+        if job.request.action == "convert":
+            return engine.convert(
+                job.request,
+                on_progress=lambda step, total: call(job.listener.job_progress, job, step, total),
+                is_cancelled=job.cancel_event.is_set,
+            )
         return engine.generate(
             job.request,
             on_progress=lambda step, total: call(job.listener.job_progress, job, step, total),

@@ -201,6 +201,18 @@ class QueueTests(ServerTestCase):
         self.assertEqual(replies[-1]["action"], "done")
         self.assertEqual(replies[-1]["images"], 2)
 
+    def test_prompts_stay_out_of_the_log_unless_asked(self):
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+        for log_prompts in (False, True):
+            events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            self.factory.log_prompts = log_prompts
+            proto, _ = self.connect()
+            proto.dataReceived(frame(txt2img_request("a secret lighthouse", "v1/tiny")))
+            self.pool.run_one()
+            logged = any("secret" in repr(event) for event in events)
+            self.assertEqual(logged, log_prompts)
+
     def test_fifo_positions_across_clients(self):
         a, ta = self.connect()
         b, tb = self.connect()

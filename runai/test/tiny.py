@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     PNDMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -109,11 +110,14 @@ def _tokenizer(folder):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def _save(path, unet, vae, text_encoder, tokenizer, dtype):
+def _save(path, unet, vae, text_encoder, tokenizer, dtype, prediction_type="epsilon"):
     if dtype != torch.float32:
         unet, vae, text_encoder = unet.to(dtype), vae.to(dtype), text_encoder.to(dtype)
-    scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG)
-    pipe = StableDiffusionPipeline(
+    scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    # model_index.json names the inpainting pipeline for a 9-channel UNet, as real
+    # inpainting models' folders do.
+    cls = StableDiffusionInpaintPipeline if unet.config.in_channels == 9 else StableDiffusionPipeline
+    pipe = cls(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -140,6 +144,9 @@ def build_tiny_pipeline(
     text_heads=4,
     sample_size=8,
     dtype=torch.float32,
+    version="v1",
+    in_channels=4,
+    prediction_type="epsilon",
 ):
     """Write a random-weight StableDiffusionPipeline folder at ``path``; return the path.
 
@@ -147,6 +154,11 @@ def build_tiny_pipeline(
     under a second on a CPU; ``SMALL_SIZES`` makes one for benchmarks. The weights depend
     only on ``seed`` and the sizes. The text encoder's width is ``cross_attention_dim``,
     since the UNet attends to its hidden states.
+
+    ``version="v2"`` gives the model SD 2.x's structure at the same small size: Linear
+    projections into the UNet's transformers and a GELU (OpenCLIP-like) text encoder, so
+    that it converts to and from the OpenCLIP checkpoint layout; ``in_channels=9`` makes
+    an inpainting model; ``prediction_type`` goes into the scheduler config.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -163,7 +175,7 @@ def build_tiny_pipeline(
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=down,
         up_block_types=up,
@@ -172,6 +184,7 @@ def build_tiny_pipeline(
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=attention_head_dim,
         norm_num_groups=groups,
+        use_linear_projection=version == "v2",
     )
     torch.manual_seed(seed + 1)
     vae_levels = len(vae_block_out_channels)
@@ -196,14 +209,14 @@ def build_tiny_pipeline(
             num_hidden_layers=text_layers,
             num_attention_heads=text_heads,
             max_position_embeddings=MAX_TOKENS,
-            hidden_act="quick_gelu",
+            hidden_act="gelu" if version == "v2" else "quick_gelu",
             projection_dim=cross_attention_dim,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    return _save(path, unet, vae, text_encoder, tokenizer, dtype)
+    return _save(path, unet, vae, text_encoder, tokenizer, dtype, prediction_type)
 
 
 def build_sd15_pipeline(path, dtype=torch.float16, seed=0, device=None):

@@ -1,0 +1,187 @@
+"""``runai history list|export|delete``: the server's history, over its socket.
+
+The command asks the running server (started with ``--db``), which holds the key; it
+never opens the database itself, so the key stays with the server. ``export`` writes
+PNGs with their parameters in PNG text chunks: ``parameters`` (the one-line form other
+Stable Diffusion tools read) and ``runai`` (the whole history item, as JSON).
+"""
+
+import base64
+import datetime
+import json
+import os
+import struct
+import sys
+import zlib
+
+from runai.client import BlockingClient, ServerError
+from runai.history import MAX_LIMIT
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_with_text(png, texts):
+    """``png`` with an iTXt chunk (UTF-8, uncompressed) per ``texts`` entry after its
+    IHDR; the image data is left byte for byte as it was."""
+    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG image")
+    end_of_ihdr = 8 + 12 + struct.unpack(">I", png[8:12])[0]
+    chunks = b"".join(
+        _chunk(b"iTXt", key.encode("latin-1") + b"\x00\x00\x00" + b"\x00" + b"\x00" + value.encode("utf-8"))
+        for key, value in texts.items()
+    )
+    return png[:end_of_ihdr] + chunks + png[end_of_ihdr:]
+
+
+def parameters_text(item, image):
+    """The ``parameters`` text that AUTOMATIC1111-style tools show and read back."""
+    params = item.get("params", {})
+    text = item.get("prompt", "")
+    if item.get("negative_prompt"):
+        text += f"\nNegative prompt: {item['negative_prompt']}"
+    fields = [
+        ("Steps", params.get("steps")), ("Sampler", params.get("scheduler")), ("CFG scale", params.get("scale")),
+        ("Seed", image.get("seed")), ("Size", f"{image.get('width')}x{image.get('height')}"),
+        ("Model", item.get("model")),
+    ]
+    if item.get("action") != "txt2img" and params.get("strength") is not None:
+        fields.append(("Denoising strength", params.get("strength")))
+    return text + "\n" + ", ".join(f"{name}: {value}" for name, value in fields if value is not None)
+
+
+def _ask(client, obj):
+    """Send one request; return its messages up to the final one (raises ServerError)."""
+    client.send(obj)
+    messages = []
+    while True:
+        message = client.receive()
+        if message.get("id") != obj.get("id"):
+            continue
+        if "error" in message:
+            raise ServerError(message["error"].get("code"), message["error"].get("message"))
+        messages.append(message)
+        if message.get("action") in ("history", "history_delete", "done"):
+            return messages
+
+
+def list_items(client, limit=None, before=None, query=None):
+    """History items, newest first, paging through the server's 500-item pages."""
+    while limit is None or limit > 0:
+        page = min(MAX_LIMIT, limit) if limit is not None else MAX_LIMIT
+        request = {"action": "history", "id": "history", "limit": page}
+        if before is not None:
+            request["before"] = before
+        if query:
+            request["query"] = query
+        [reply] = _ask(client, request)
+        yield from reply["items"]
+        if limit is not None:
+            limit -= len(reply["items"])
+        before = reply.get("next_before")
+        if before is None:
+            return
+
+
+def get_item(client, request_id):
+    """One request's item and its image messages."""
+    messages = _ask(client, {"action": "history_get", "id": "get", "request_id": request_id})
+    item = next(m["item"] for m in messages if m.get("action") == "history_get")
+    return item, [m for m in messages if "image" in m]
+
+
+def _connect(args):
+    from runai.cli import _token
+    return BlockingClient(args.host, args.port, args.packet_size, timeout=120, token=_token(args))
+
+
+def _when(seconds):
+    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
+
+
+def _one_line(text, width):
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def list_command(args):
+    with _connect(args) as client:
+        items = list(list_items(client, args.limit, args.before, args.query))
+    if args.json:
+        json.dump(items, sys.stdout, indent=1, ensure_ascii=False)
+        print()
+        return 0
+    for item in items:
+        print(f"{item['request_id']:>6}  {_when(item['time'])}  {item['status']:<11}  {item['images']:>3} img  "
+              f"{item['action']:<8}  {item['model']}  {_one_line(item['prompt'], 60)}")
+    if not items:
+        print("the history is empty" if not (args.query or args.before) else "nothing matches", file=sys.stderr)
+    return 0
+
+
+def export_command(args):
+    os.makedirs(args.directory, exist_ok=True)
+    written = 0
+    with _connect(args) as client:
+        if args.request_id:
+            ids = args.request_id
+        else:
+            ids = [item["request_id"] for item in list_items(client, args.limit, args.before, args.query)]
+        for request_id in ids:
+            item, images = get_item(client, request_id)
+            for message in images:
+                about = {k: message.get(k) for k in ("seed", "width", "height", "index")}
+                texts = {
+                    "parameters": parameters_text(item, about),
+                    "runai": json.dumps(dict(item, image=about), ensure_ascii=False, separators=(",", ":")),
+                }
+                name = os.path.join(args.directory, f"runai-{request_id}-{message.get('index', 0)}.png")
+                try:
+                    # Exclusive: an export never overwrites a file, so it can be rerun.
+                    with open(name, "xb") as f:
+                        f.write(png_with_text(base64.b64decode(message["image"]), texts))
+                except FileExistsError:
+                    print(f"{name}: exists, left as it was", file=sys.stderr)
+                    continue
+                print(name)
+                written += 1
+    print(f"{written} image(s) written to {args.directory}", file=sys.stderr)
+    return 0
+
+
+def delete_command(args):
+    with _connect(args) as client:
+        for request_id in args.request_id:
+            _ask(client, {"action": "history_delete", "id": "delete", "request_id": request_id})
+            print(f"request {request_id} deleted")
+    return 0
+
+
+def add_commands(commands, common):
+    """``runai history ...``, under the ``runai`` command's subparsers."""
+    top = commands.add_parser("history", help="the server's history (a server started with --db)")
+    sub = top.add_subparsers(dest="history_command", required=True)
+
+    def filters(p, default_limit):
+        p.add_argument("--limit", type=int, default=default_limit, help="at most this many requests")
+        p.add_argument("--before", type=int, default=None, help="only requests older than this request id")
+        p.add_argument("--query", default=None, help="only requests whose prompt contains this text")
+
+    ls = sub.add_parser("list", parents=[common], help="list past requests, newest first")
+    filters(ls, 20)
+    ls.add_argument("--json", action="store_true", help="the items as JSON")
+    ls.set_defaults(func=list_command)
+
+    ex = sub.add_parser("export", parents=[common], help="write the images as PNGs, with their parameters")
+    ex.add_argument("directory")
+    filters(ex, None)
+    ex.add_argument("--request-id", type=int, action="append", default=None,
+                    help="export this request (repeatable); default: every request the filters select")
+    ex.set_defaults(func=export_command)
+
+    rm = sub.add_parser("delete", parents=[common], help="delete requests and their images")
+    rm.add_argument("request_id", type=int, nargs="+")
+    rm.set_defaults(func=delete_command)

@@ -1,0 +1,98 @@
+"""``runai models`` (asks the server) and ``runai convert SRC DST`` (runs here, offline).
+
+``convert`` goes both ways: a ``.safetensors``/``.ckpt`` file becomes a diffusers folder,
+and a diffusers folder becomes one ``.safetensors`` in the original LDM layout that
+AUTOMATIC1111 and diffusers' ``from_single_file`` load. It needs no server, and like the
+server it unpickles a ``.ckpt`` only with the restricted unpickler and fetches nothing.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from runai.client import BlockingClient
+
+
+def _size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def models_command(args):
+    from runai.cli import _token
+
+    with BlockingClient(args.host, args.port, args.packet_size, timeout=120, token=_token(args)) as client:
+        models = client.models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    for m in models:
+        flags = [m["format"], m["version"]]
+        if m.get("inpainting"):
+            flags.append("inpainting")
+        if m.get("prediction_type") == "v_prediction":
+            flags.append("v-prediction")
+        if not m.get("served"):
+            flags.append("not served" + (f": {m['error']}" if m.get("error") else ""))
+        if m.get("loaded"):
+            flags.append("loaded")
+        print(f"{m['name']}  ({', '.join(flags)}; {_size(m.get('size', 0))})")
+    return 0
+
+
+def _progress(step, total):
+    sys.stderr.write(f"\rconverting: stage {step}/{total}")
+    if step >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def convert_command(args):
+    from runai import convert
+    from runai.library import ModelLibrary, model_format
+
+    src = Path(os.path.realpath(os.path.expanduser(args.src)))
+    dst = Path(os.path.abspath(os.path.expanduser(args.dst)))
+    fmt = model_format(src)
+    try:
+        if fmt == "diffusers":
+            import torch
+
+            count = convert.diffusers_to_single_file(src, dst, dtype=torch.float16 if args.half else None)
+            print(f"{dst}: {count} tensors, LDM layout")
+        elif fmt in ("safetensors", "ckpt"):
+            if args.half:
+                print("runai convert: --half applies to diffusers -> .safetensors only", file=sys.stderr)
+                return 2
+            model_dir = os.path.realpath(os.path.expanduser(args.model_dir))
+            entry = ModelLibrary(src.parent).describe(src, src.name)
+            version = convert.single_file_to_diffusers(src, dst, model_dir, entry, on_progress=_progress)
+            print(f"{dst}: diffusers folder of a {version} model")
+        else:
+            print(f"runai convert: {src} is neither a diffusers folder nor a .safetensors/.ckpt file",
+                  file=sys.stderr)
+            return 1
+    except convert.ConvertError as e:
+        print(f"runai convert: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_commands(commands, common):
+    m = commands.add_parser("models", parents=[common], help="list the server's models and what each is")
+    m.add_argument("--json", action="store_true", help="the server's answer as it is")
+    m.set_defaults(func=models_command)
+
+    c = commands.add_parser(
+        "convert", help="convert a .safetensors/.ckpt into a diffusers folder, or a diffusers folder into "
+                        "one .safetensors (LDM layout); runs here, without a server",
+    )
+    c.add_argument("src", help="a .safetensors or .ckpt file, or a diffusers folder")
+    c.add_argument("dst", help="the diffusers folder, or the .safetensors file, to create (never overwritten)")
+    c.add_argument("--model-dir", default="~/stablediffusion",
+                   help="where the base models' configs and tokenizer are (for a single-file source)")
+    c.add_argument("--half", action="store_true", help="write float16 weights (diffusers -> .safetensors)")
+    c.set_defaults(func=convert_command)

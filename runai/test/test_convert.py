@@ -1,0 +1,281 @@
+"""runai.convert: diffusers <-> single file, checked against diffusers' own loader; the
+``convert`` action over a socket; the ``runai convert`` command."""
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from twisted.internet import reactor, threads
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from runai import cli, convert, errors, library
+from runai.client import BlockingClient
+from runai.engine import Engine
+from runai.server import RunaiFactory
+from runai.test import library_fixtures as fx
+from runai.worker import Worker
+
+
+def assertSameWeights(test, loaded, reference, components=("unet", "vae", "text_encoder")):
+    """Every weight of every component equal: diffusers' single-file loader leaves a
+    weight it did not find at its random initial value, silently, so sampling is not enough."""
+    for component in components:
+        mine, theirs = getattr(loaded, component).state_dict(), getattr(reference, component).state_dict()
+        test.assertEqual(set(mine), set(theirs), component)
+        different = [k for k in theirs if not torch.equal(mine[k], theirs[k])]
+        test.assertEqual(different, [], component)
+
+
+def reference(kind):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(fx.tiny_source(kind)), local_files_only=True,
+                                                   safety_checker=None, low_cpu_mem_usage=False)
+
+
+class ExportTests(SynchronousTestCase):
+    """diffusers -> LDM single file, read back by diffusers' ``from_single_file``."""
+
+    def export(self, kind, **kwargs):
+        dst = Path(self.mktemp()).absolute() / f"{kind}.safetensors"
+        dst.parent.mkdir()
+        convert.diffusers_to_single_file(fx.tiny_source(kind), dst, **kwargs)
+        return dst
+
+    def diffusers_loads(self, path, kind, cls=None):
+        from diffusers import StableDiffusionPipeline
+
+        cls = cls or StableDiffusionPipeline
+        return cls.from_single_file(str(path), config=str(fx.tiny_source(kind)), local_files_only=True,
+                                    safety_checker=None)
+
+    def test_v1_with_diffusers_loader(self):
+        path = self.export("v1")
+        assertSameWeights(self, self.diffusers_loads(path, "v1"), reference("v1"))
+
+    def test_v2_openclip_with_diffusers_loader(self):
+        path = self.export("v2")
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+        self.assertIn("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", keys)
+        self.assertFalse(any(k.startswith("cond_stage_model.transformer.") for k in keys))
+        assertSameWeights(self, self.diffusers_loads(path, "v2"), reference("v2"))
+
+    def test_inpainting_with_diffusers_loader(self):
+        from diffusers import StableDiffusionInpaintPipeline
+
+        path = self.export("v1-inpaint")
+        loaded = self.diffusers_loads(path, "v1-inpaint", StableDiffusionInpaintPipeline)
+        self.assertEqual(loaded.unet.config.in_channels, 9)
+        assertSameWeights(self, loaded, reference("v1-inpaint"))
+
+    def test_metadata_says_what_it_is(self):
+        with safe_open(str(self.export("v2-v")), "pt") as f:
+            metadata = f.metadata()
+        self.assertEqual(metadata["modelspec.prediction_type"], "v")
+        self.assertEqual(metadata["modelspec.architecture"], "stable-diffusion-v2-768-v")
+
+    def test_half(self):
+        path = self.export("v1", dtype=torch.float16)
+        with safe_open(str(path), "pt") as f:
+            self.assertEqual(f.get_tensor("model.diffusion_model.out.2.weight").dtype, torch.float16)
+
+    def test_never_overwrites(self):
+        path = self.export("v1")
+        before = path.read_bytes()
+        with self.assertRaises(convert.ConvertError) as caught:
+            convert.diffusers_to_single_file(fx.tiny_source("v2"), path)
+        self.assertIn("already exists", caught.exception.message)
+        self.assertEqual(path.read_bytes(), before)
+
+    def test_refuses_what_it_cannot_map(self):
+        dst = Path(self.mktemp()).absolute()
+        with self.assertRaises(convert.ConvertError):
+            convert.unet_to_ldm({"add_embedding.linear_1.weight": torch.zeros(1)},
+                                dict(block_out_channels=[4], layers_per_block=1, down_block_types=["DownBlock2D"],
+                                     up_block_types=["UpBlock2D"], addition_embed_type="text_time"))
+        with self.assertRaises(convert.ConvertError):
+            convert.diffusers_to_single_file(fx.tiny_source("v1"), dst.with_suffix(".ckpt"))
+
+
+class ImportTests(SynchronousTestCase):
+    """LDM single file -> diffusers folder, and the round trip."""
+
+    def setUp(self):
+        self.models = Path(self.mktemp()).absolute()
+        shutil.copytree(fx.model_folder() / "runwayml", self.models / "runwayml")
+        shutil.copytree(fx.model_folder() / "stabilityai", self.models / "stabilityai")
+        (self.models / "v1").mkdir()
+        (self.models / "v2").mkdir()
+        self.library = library.ModelLibrary(self.models)
+
+    def convert(self, source, target, **kwargs):
+        entry = self.library.describe(source)
+        return convert.single_file_to_diffusers(source, target, self.models, entry, **kwargs)
+
+    def test_round_trip(self):
+        from diffusers import StableDiffusionPipeline
+
+        for kind, version, source in (("v1", "v1", "v1/a.ckpt"), ("v2", "v2", "v2/b.safetensors")):
+            path = self.models / source
+            if source.endswith(".ckpt"):
+                fx.write_lightning_ckpt(path, fx.ldm_state(kind))
+            else:
+                convert.diffusers_to_single_file(fx.tiny_source(kind), path)
+            target = path.with_suffix("")
+            steps = []
+            self.assertEqual(self.convert(path, target, on_progress=lambda *s: steps.append(s)), version)
+            self.assertEqual(steps, [(k, len(convert.STAGES)) for k in range(1, len(convert.STAGES) + 1)])
+            back = StableDiffusionPipeline.from_pretrained(str(target), local_files_only=True, low_cpu_mem_usage=False)
+            assertSameWeights(self, back, reference(kind))
+            self.assertEqual(library.classify_diffusers(target, self.models).version, version)
+
+    def test_inpainting_folder_says_so(self):
+        path = self.models / "v1" / "in.safetensors"
+        convert.diffusers_to_single_file(fx.tiny_source("v1-inpaint"), path)
+        self.convert(path, self.models / "v1" / "in")
+        c = library.classify_diffusers(self.models / "v1" / "in", self.models)
+        self.assertEqual((c.inpainting, c.pipeline_class), (True, "StableDiffusionInpaintPipeline"))
+
+    def test_cancel_and_failure_leave_nothing(self):
+        path = self.models / "v1" / "a.safetensors"
+        convert.diffusers_to_single_file(fx.tiny_source("v1"), path)
+        with self.assertRaises(errors.JobCancelled):
+            self.convert(path, self.models / "v1" / "a", is_cancelled=lambda: True)
+        from diffusers import StableDiffusionPipeline
+
+        def full_disk(self, *args, **kwargs):
+            os.makedirs(args[0], exist_ok=True)
+            (Path(args[0]) / "half.bin").write_bytes(b"x")
+            raise OSError(28, "No space left on device")
+
+        self.patch(StableDiffusionPipeline, "save_pretrained", full_disk)
+        with self.assertRaises(convert.ConvertError) as caught:
+            self.convert(path, self.models / "v1" / "a")
+        self.assertIn("No space left", caught.exception.message)
+        self.assertEqual(sorted(os.listdir(self.models / "v1")), ["a.safetensors"])
+
+    def test_never_overwrites(self):
+        path = self.models / "v1" / "a.safetensors"
+        convert.diffusers_to_single_file(fx.tiny_source("v1"), path)
+        (self.models / "v1" / "a").mkdir()
+        with self.assertRaises(convert.ConvertError):
+            self.convert(path, self.models / "v1" / "a")
+        self.assertEqual(os.listdir(self.models / "v1" / "a"), [])
+
+
+class CommandTests(SynchronousTestCase):
+    def test_both_directions(self):
+        work = Path(self.mktemp()).absolute()
+        work.mkdir()
+        single = work / "m.safetensors"
+        self.assertEqual(cli.main(["convert", str(fx.tiny_source("v2")), str(single)]), 0)
+        folder = work / "m"
+        self.assertEqual(cli.main(["convert", str(single), str(folder), "--model-dir", str(fx.model_folder())]), 0)
+        from diffusers import StableDiffusionPipeline
+
+        assertSameWeights(self, StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True,
+                                                                         low_cpu_mem_usage=False),
+                          reference("v2"))
+        # Again: nothing is overwritten, and the command says so.
+        self.assertEqual(cli.main(["convert", str(single), str(folder), "--model-dir", str(fx.model_folder())]), 1)
+        self.assertEqual(cli.main(["convert", str(work / "nothing"), str(work / "x")]), 1)
+
+
+class ConvertActionTests(TestCase):
+    """The legacy ``convert`` action, over a socket, with the real worker thread."""
+
+    timeout = 240
+
+    def setUp(self):
+        self.models = Path(self.mktemp()).absolute()
+        shutil.copytree(fx.model_folder() / "runwayml", self.models / "runwayml")
+        (self.models / "v1").mkdir()
+        fx.write_lightning_ckpt(self.models / "v1" / "legacy.ckpt", fx.ldm_state("v1"))
+        self.worker = Worker(reactor, device="cpu", dtype="float32",
+                             engine_options=dict(model_dir=str(self.models), cache_models=2))
+        self.worker.start()
+        self.factory = RunaiFactory(self.worker, str(self.models), clock=reactor)
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.worker.stop)
+        self.addCleanup(self.port.stopListening)
+
+    def talk(self, *requests):
+        def run():
+            answers = []
+            with BlockingClient("127.0.0.1", self.port.getHost().port, timeout=120) as client:
+                for request in requests:
+                    client.send(request)
+                    replies = []
+                    while True:
+                        message = client.receive()
+                        replies.append(message)
+                        if "error" in message or message.get("action") in ("done", "models"):
+                            break
+                    answers.append(replies)
+            return answers
+
+        return threads.deferToThread(run)
+
+    @inlineCallbacks
+    def test_convert_then_list_then_generate(self):
+        legacy = {"action": "convert", "id": 5,
+                  "options": {"convert_model": str(self.models / "v1" / "legacy.ckpt"),
+                              "model_base_path": str(self.models)}}
+        txt2img = {"action": "txt2img", "options": {
+            "txt2img_prompt": "a lighthouse", "txt2img_steps": 2, "txt2img_width": 64, "txt2img_height": 64,
+            "txt2img_seed": 3}}
+
+        def gen(model):
+            return dict(txt2img, options=dict(txt2img["options"], txt2img_model=model))
+
+        converted, listed, again, a, b = yield self.talk(
+            legacy, {"action": "models"}, legacy, gen("v1/legacy.ckpt"), gen("v1/legacy"))
+        progress = [m for m in converted if m.get("action") == 4]
+        self.assertEqual([(m["step"], m["total"], m["reqtype"], m["id"]) for m in progress],
+                         [(k, 6, "convert", 5) for k in range(1, 7)])
+        done = converted[-1]
+        self.assertEqual((done["action"], done["reqtype"], done["path"], done["format"], done["version"], done["id"]),
+                         ("done", "convert", "v1/legacy", "diffusers", "v1", 5))
+        names = {m["name"]: m for m in listed[-1]["models"]}
+        self.assertEqual(names["v1/legacy"]["format"], "diffusers")
+        self.assertEqual(again[-1]["error"]["code"], errors.BAD_REQUEST)  # the folder exists now
+        # The converted folder and its source draw the same picture.
+        image = lambda replies: next(m["image"] for m in replies if "image" in m)  # noqa: E731
+        self.assertEqual(image(a), image(b))
+
+    @inlineCallbacks
+    def test_runai_models_command(self):
+        import contextlib
+        import io
+
+        def run():
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                status = cli.main(["models", "--port", str(self.port.getHost().port)])
+            return status, out.getvalue()
+
+        status, output = yield threads.deferToThread(run)
+        self.assertEqual(status, 0)
+        self.assertIn("v1/legacy.ckpt  (ckpt, v1;", output)
+        self.assertIn("runwayml/stable-diffusion-v1-5  (diffusers, v1;", output)
+
+    @inlineCallbacks
+    def test_a_bad_checkpoint_is_a_clear_error(self):
+        (self.models / "v1" / "junk.ckpt").write_bytes(b"not a checkpoint")
+        [replies] = yield self.talk({"action": "convert", "options": {"convert_model": "v1/junk.ckpt"}})
+        self.assertEqual(replies[-1]["error"]["code"], errors.CONVERT_FAILED)
+        self.assertIn("v1/junk.ckpt", replies[-1]["error"]["message"])
+        self.assertNotIn(str(self.models), replies[-1]["error"]["message"])
+        self.assertEqual(sorted(os.listdir(self.models / "v1")), ["junk.ckpt", "legacy.ckpt"])
+
+
+class EngineConvertTests(SynchronousTestCase):
+    def test_engine_without_model_folder(self):
+        from runai.request import ConvertRequest
+
+        with self.assertRaises(errors.RunaiError):
+            Engine(device="cpu").convert(ConvertRequest("a.ckpt", "a.ckpt", "a", "a"), None, lambda: False)

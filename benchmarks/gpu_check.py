@@ -187,7 +187,7 @@ def main():
             inproc_runs.append((its, span, total, len(stamps)))
             print(f"  in-process run: {its:.2f} it/s ({len(stamps) - 1} steps from 1st to last step end "
                   f"in {span:.3f} s), call {total:.3f} s", flush=True)
-        del pipe
+        pipe = None  # frees the GPU memory before the summary
     finally:
         if server is not None:
             server.stop()

@@ -17,8 +17,6 @@ from runai.paths import resolve_model, safety_checker_path
 from runai.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 GENERATION_ACTIONS = ("txt2img", "img2img", "inpaint", "outpaint")
-# Legacy actions that later work will serve; answered with not_implemented until then.
-PLANNED_ACTIONS = ()
 # The model library: list the model folder, convert a checkpoint into a diffusers folder.
 LIBRARY_ACTIONS = ("models", "convert")
 SERVED_ACTIONS = GENERATION_ACTIONS
@@ -328,8 +326,6 @@ def parse_request(obj, model_dir, limits=Limits()):
         return parse_convert(obj, model_dir, rid)
     if action in HISTORY_ACTIONS:
         return parse_history(action, obj, rid)
-    if action in PLANNED_ACTIONS:
-        raise errors.RunaiError(errors.NOT_IMPLEMENTED, f"action {action!r} is not served by this version of runai yet")
     raise errors.RunaiError(
         errors.UNKNOWN_ACTION,
         f"unknown action {action[:64]!r}; known: "

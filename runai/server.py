@@ -158,22 +158,29 @@ class RunaiFactory(ServerFactory):
             d = threads.deferToThreadPool(self.clock, get_pool(), self.library.scan)
         d.addCallbacks(send, failed)
 
-    def enqueue_convert(self, proto, request):
-        """A conversion is heavy (it loads a whole model): it waits its turn in the queue."""
+    def _submit(self, proto, request):
+        """Queue ``request`` as this connection's job; None (the client told why) if refused."""
         if request.id is not None and request.id in proto.jobs:
             proto.send_error(
                 errors.RunaiError(errors.BAD_REQUEST, f"a job with id {request.id!r} is already queued or running"),
                 request.action, request.id,
             )
-            return
+            return None
         job = Job(request, proto, self)
         try:
             self.worker.submit(job)
         except errors.RunaiError as e:
             proto.send_error(e, request.action, request.id)
-            return
+            return None
         if request.id is not None and job.state in ("queued", "running"):
             proto.jobs[request.id] = job
+        return job
+
+    def enqueue_convert(self, proto, request):
+        """A conversion is heavy (it loads a whole model): it waits its turn in the queue."""
+        job = self._submit(proto, request)
+        if job is None:
+            return
         self.log.info("Job {serial}: convert {model} into {target}",
                       serial=job.serial, model=request.model_name, target=request.target_name)
 
@@ -186,12 +193,6 @@ class RunaiFactory(ServerFactory):
             raise errors.RunaiError(errors.UNAUTHORIZED, "this server needs a valid 'token' in every request")
 
     def enqueue(self, proto, request):
-        if request.id is not None and request.id in proto.jobs:
-            proto.send_error(
-                errors.RunaiError(errors.BAD_REQUEST, f"a job with id {request.id!r} is already queued or running"),
-                request.action, request.id,
-            )
-            return
         if request.nsfw_filter and request.safety_checker is None:
             if self.refuse_unchecked:
                 proto.send_error(errors.RunaiError(
@@ -202,14 +203,9 @@ class RunaiFactory(ServerFactory):
                 return
             self.log.warn("do_nsfw_filter asked for, but no safety checker is installed: "
                           "images go out marked nsfw_checked=false")
-        job = Job(request, proto, self)
-        try:
-            self.worker.submit(job)
-        except errors.RunaiError as e:
-            proto.send_error(e, request.action, request.id)
+        job = self._submit(proto, request)
+        if job is None:
             return
-        if request.id is not None and job.state in ("queued", "running"):
-            proto.jobs[request.id] = job
         if self.store is not None:
             job.stored = self.store.begin(request)
         self.log.info("Job {serial}: {action} of {model}, {n} image(s), {steps} steps, {w}x{h}",

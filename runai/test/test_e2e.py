@@ -106,14 +106,13 @@ def png_of(message):
     return base64.b64decode(message["image"])
 
 
-class EndToEndTests(TestCase):
-    timeout = 300
+class LiveServer:
+    """A real server on 127.0.0.1 with its real worker thread, for trial TestCases."""
 
-    def setUp(self):
-        self.models = tiny_model_dir()
+    def start_server(self, models, **factory_options):
         self.worker = Worker(reactor, device="cpu", dtype="float32")
         self.worker.start()
-        self.factory = RunaiFactory(self.worker, self.models, clock=reactor, idle_timeout=30)
+        self.factory = RunaiFactory(self.worker, models, clock=reactor, **factory_options)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(self.worker.stop)
         self.addCleanup(self.port.stopListening)
@@ -134,6 +133,14 @@ class EndToEndTests(TestCase):
             finally:
                 client.close()
         return self.in_thread(run)
+
+
+class EndToEndTests(LiveServer, TestCase):
+    timeout = 300
+
+    def setUp(self):
+        self.models = tiny_model_dir()
+        self.start_server(self.models, idle_timeout=30)
 
     @inlineCallbacks
     def test_legacy_client_gets_an_image(self):

@@ -12,7 +12,6 @@ import zlib
 import numpy as np
 import torch
 from PIL import Image
-from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -20,9 +19,7 @@ from runai import errors, images, prompts
 from runai.engine import Engine
 from runai.request import Limits, parse_request
 from runai.schedulers import SCHEDULERS
-from runai.server import RunaiFactory
-from runai.test.test_e2e import LegacyClient
-from runai.worker import Worker
+from runai.test.test_e2e import LiveServer
 
 _root = None
 
@@ -331,32 +328,13 @@ class SafetyCheckerTests(ModeTestCase):
         self.assertIs(image.nsfw_checked, False)
 
 
-class SocketTests(TestCase):
+class SocketTests(LiveServer, TestCase):
     """Every mode through the socket, with a legacy-format client."""
 
     timeout = 300
 
     def setUp(self):
-        models()
-        self.worker = Worker(reactor, device="cpu", dtype="float32")
-        self.worker.start()
-        self.factory = RunaiFactory(self.worker, models(), clock=reactor)
-        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.addCleanup(self.worker.stop)
-        self.addCleanup(self.port.stopListening)
-
-    def talk(self, *requests):
-        def go():
-            client = LegacyClient(self.port.getHost().port)
-            try:
-                answers = []
-                for obj in requests:
-                    client.send(obj)
-                    answers.append(client.until_final())
-                return answers
-            finally:
-                client.close()
-        return threads.deferToThread(go)
+        self.start_server(models())
 
     @inlineCallbacks
     def test_modes_through_the_socket(self):

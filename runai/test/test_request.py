@@ -8,7 +8,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from runai import errors
 from runai.request import (
-    PLANNED_ACTIONS,
     MAX_ID_LENGTH,
     MAX_SEED,
     Cancel,
@@ -111,10 +110,6 @@ class ParseRequestTests(ModelDirMixin, SynchronousTestCase):
     def test_unknown_action_long_name_truncated(self):
         e = self.assert_code({"action": "z" * 10_000}, errors.UNKNOWN_ACTION)
         self.assertLess(len(e.message), 500)
-
-    def test_planned_actions_not_implemented(self):
-        for action in PLANNED_ACTIONS:
-            self.assert_code({"action": action, "options": {}}, errors.NOT_IMPLEMENTED)
 
     # txt2img ----------------------------------------------------------------------------
 

@@ -79,6 +79,25 @@ class GeneratedImage:
     withheld: bool = False  # flagged by the safety checker: no pixels go out
 
 
+class _Progress:
+    """Steps done in a request, and the total they are counted against."""
+
+    def __init__(self, runs):
+        self.done = 0
+        self.single = False
+        self._runs = runs  # denoising runs still counted in the total
+        self._offset = 0  # steps done before the count changed
+
+    def go_single(self, images_left):
+        # Every remaining image becomes a run of its own: the total grows, once.
+        self.single = True
+        self._offset = self.done
+        self._runs = images_left
+
+    def total(self, per_run):
+        return self._offset + per_run * self._runs
+
+
 def resolve_device(device="auto"):
     """A ``torch.device`` from "auto", "cpu", "cuda" or "cuda:N"; RunaiError if unusable."""
     if device in (None, "auto"):
@@ -223,15 +242,18 @@ class Engine:
             embeds = None
 
         seeds = request.seeds()
-        done = 0  # denoising steps run in earlier batches
+        # Steps done so far, and how the progress total is counted: by batches, until a
+        # batch does not fit in memory and the rest run one image at a time.
+        progress = _Progress(request.n_iter)
         produced = 0
         try:
             for batch in range(request.n_iter):
                 if is_cancelled():
                     raise errors.JobCancelled()
                 batch_seeds = seeds[batch * request.n_samples : (batch + 1) * request.n_samples]
-                images, done = self._run_batch(
-                    pipe, request, batch_seeds, done, on_progress, is_cancelled, mode_kwargs, embeds
+                images = self._denoise(
+                    pipe, request, batch_seeds, progress, on_progress, is_cancelled, mode_kwargs, embeds,
+                    images_left=len(seeds) - batch * request.n_samples,
                 )
                 images = [modes.finish(image, request, inputs) for image in images]
                 flags = self._check(request, images)
@@ -273,20 +295,40 @@ class Engine:
             self._safety = SafetyChecker(self.device, self.dtype)
         return self._safety.flags(request.safety_checker, images)
 
-    def _run_batch(self, pipe, request, seeds, done, on_progress, is_cancelled, mode_kwargs, embeds):
-        """Denoise one batch; returns (PIL images, steps done so far in the request)."""
+    def _denoise(self, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, embeds,
+                 images_left):
+        """One batch as one batch where memory allows, else one image at a time."""
+        if not progress.single:
+            try:
+                return self._run_batch(pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs,
+                                       embeds)
+            except torch.OutOfMemoryError:
+                if len(seeds) == 1:
+                    raise
+            # Outside the except block, so that the failed batch's tensors are gone.
+            self._free_memory()
+            log.warn("a batch of {n} images of {w}x{h} does not fit in memory: one at a time",
+                     n=len(seeds), w=request.width, h=request.height)
+            progress.go_single(images_left)
+        images = []
+        for seed in seeds:
+            images += self._run_batch(pipe, request, [seed], progress, on_progress, is_cancelled, mode_kwargs,
+                                      embeds)
+        return images
+
+    def _run_batch(self, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, embeds):
+        """Denoise one batch; returns its PIL images."""
         # One generator per image: image k's noise depends on its seed alone, so it comes
         # out the same in a batch of 4 as alone (up to batched arithmetic).
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        counter = {"done": done}
+        start = progress.done
 
         def on_step_end(pipeline, i, t, callback_kwargs):
             # num_timesteps is the length of the schedule actually run: more than
             # ``steps`` for second-order schedulers (Heun, DPM2) and for PLMS, fewer
             # than ``steps`` for img2img and inpainting below strength 1.
-            per_batch = pipeline.num_timesteps
-            counter["done"] = done + i + 1
-            on_progress(counter["done"], per_batch * request.n_iter)
+            progress.done = start + i + 1
+            on_progress(progress.done, progress.total(pipeline.num_timesteps))
             if is_cancelled():
                 raise errors.JobCancelled()
             return callback_kwargs
@@ -307,4 +349,4 @@ class Engine:
                 output_type="pil",
                 callback_on_step_end=on_step_end,
             )
-        return result.images, counter["done"]
+        return result.images

@@ -394,3 +394,34 @@ class DeviceTests(EngineTestCase):
                 Engine(device=device)
             self.assertEqual(caught.exception.code, errors.INTERNAL)
             self.assertIn("CUDA", caught.exception.message)
+
+
+class OutOfMemoryEngine(Engine):
+    """The real engine on a device that cannot fit a batch of more than one image."""
+
+    def _run_batch(self, pipe, request, seeds, *args):
+        if len(seeds) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: this is the CPU)")
+        return super()._run_batch(pipe, request, seeds, *args)
+
+
+class BatchFallbackTests(EngineTestCase):
+    def test_a_batch_that_does_not_fit_runs_one_image_at_a_time(self):
+        engine = OutOfMemoryEngine(device="cpu", dtype="float32")
+        recorder = generate(engine, request(n_samples=3, n_iter=2, steps=2, seed=40))
+        self.assertEqual([image.seed for image in recorder.images], [40, 41, 42, 43, 44, 45])
+        steps = [step for step, total in recorder.progress]
+        self.assertEqual(steps, list(range(1, len(steps) + 1)))
+        # One image at a time from the first batch on: 6 runs of 2 steps, all counted.
+        self.assertEqual(recorder.progress[-1], (12, 12))
+        # Each image is the one a single request with its seed gives.
+        single = generate(self.engine, request(seed=42, steps=2))
+        self.assertEqual(recorder.images[2].png, single.images[0].png)
+
+    def test_a_single_image_that_does_not_fit_is_an_error(self):
+        class NothingFits(Engine):
+            def _run_batch(self, *args):
+                raise torch.OutOfMemoryError("simulated")
+        with self.assertRaises(errors.RunaiError) as caught:
+            generate(NothingFits(device="cpu", dtype="float32"), request(n_samples=2))
+        self.assertEqual(caught.exception.code, errors.OUT_OF_MEMORY)

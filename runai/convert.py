@@ -60,6 +60,21 @@ def _check_free(dst, shown):
         raise ConvertError(f"{shown} already exists; move it away first (nothing is overwritten)")
 
 
+def _write_then_rename(dst, shown, write):
+    """``write(path)`` under a hidden name beside ``dst``, then rename it into place: a
+    failed or cancelled write leaves nothing behind, and nothing is overwritten."""
+    temporary = _temporary_beside(dst)
+    try:
+        write(temporary)
+        _check_free(dst, shown)
+        os.rename(temporary, dst)
+    except OSError as e:
+        raise ConvertError(f"cannot write {shown}: {e.strerror or e}")
+    finally:
+        if temporary.exists():
+            _remove(temporary)
+
+
 # -- single file -> diffusers ------------------------------------------------------------------
 
 
@@ -94,18 +109,13 @@ def single_file_to_diffusers(src, dst, model_dir, entry, on_progress=None, is_ca
     if entry.classification.inpainting:
         # So that the folder says what it is, for runai's list and for other tools.
         pipe = StableDiffusionInpaintPipeline(**pipe.components, requires_safety_checker=False)
-    temporary = _temporary_beside(dst)
-    try:
+
+    def save(temporary):
         pipe.save_pretrained(str(temporary), safe_serialization=True)
         if cancelled():
             raise errors.JobCancelled()
-        _check_free(dst, shown)
-        os.rename(temporary, dst)
-    except OSError as e:
-        raise ConvertError(f"cannot write {shown}: {e.strerror or e}")
-    finally:
-        if temporary.exists():
-            _remove(temporary)
+
+    _write_then_rename(dst, shown, save)
     report(total, total)
     return entry.classification.version
 
@@ -349,14 +359,5 @@ def diffusers_to_single_file(folder, dst, dtype=None, model_dir=None, shown=None
         raise ConvertError(f"{shown} must end in .safetensors")
     _check_free(dst, shown)
     state, metadata = diffusers_to_ldm(folder, dtype=dtype, model_dir=model_dir)
-    temporary = _temporary_beside(dst)
-    try:
-        save_file(state, str(temporary), metadata=metadata)
-        _check_free(dst, shown)
-        os.rename(temporary, dst)
-    except OSError as e:
-        raise ConvertError(f"cannot write {shown}: {e.strerror or e}")
-    finally:
-        if temporary.exists():
-            _remove(temporary)
+    _write_then_rename(dst, shown, lambda temporary: save_file(state, str(temporary), metadata=metadata))
     return len(state)

@@ -5,12 +5,44 @@ the worker's thread-pool calls by hand; the real engine is exercised end to end 
 """
 
 import json
+import os
 from dataclasses import dataclass
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
 from runai import errors, framing
+from runai.server import RunaiFactory
+from runai.worker import Worker
+
+
+def _call(on_result, f, args, kwargs):
+    """What a ThreadPool does with a call, minus the thread."""
+    try:
+        result = f(*args, **kwargs)
+    except BaseException:
+        on_result(False, Failure())
+    else:
+        on_result(True, result)
+
+
+class SyncPool:
+    """A pool whose calls run in line, when they are made."""
+
+    def __init__(self):
+        self.started = self.stopped = False
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        self.stopped = True
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        _call(on_result, f, args, kwargs)
 
 
 class ManualPool:
@@ -31,13 +63,7 @@ class ManualPool:
         self.calls.append((on_result, f, args, kwargs))
 
     def run_one(self):
-        on_result, f, args, kwargs = self.calls.pop(0)
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
+        _call(*self.calls.pop(0))
 
 
 class SyncReactor(Clock):
@@ -90,3 +116,33 @@ def decode_all(data, packet_size=framing.DEFAULT_PACKET_SIZE):
 
 def frame(obj, packet_size=framing.DEFAULT_PACKET_SIZE):
     return framing.encode(json.dumps(obj).encode("utf-8"), packet_size)
+
+
+class FactoryTestCase(SynchronousTestCase):
+    """The real factory, protocol and queue, on StringTransports and a clock, with a
+    scripted engine whose jobs run when the test calls ``self.pool.run_one()``."""
+
+    def setUp(self):
+        self.models = os.path.realpath(self.mktemp())
+        os.makedirs(os.path.join(self.models, "v1", "tiny"))
+        with open(os.path.join(self.models, "v1", "tiny", "model_index.json"), "w") as f:
+            f.write("{}")
+        self.reactor = SyncReactor()
+        self.pool = ManualPool()
+        self.engine = ScriptedEngine()
+        self.worker = Worker(self.reactor, engine_factory=lambda device, dtype: self.engine, pool=self.pool)
+        self.factory = RunaiFactory(self.worker, self.models, clock=self.reactor, **self.factory_options())
+
+    def factory_options(self):
+        return {}
+
+    def connect(self):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 12345))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def replies(self, transport):
+        messages = decode_all(transport.value())
+        transport.clear()
+        return messages

@@ -12,17 +12,14 @@ import sys
 from dataclasses import dataclass
 
 from PIL import Image
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai import errors, history, history_cli, store, tap
 from runai.client import BlockingClient, txt2img_request
 from runai.request import parse_request
-from runai.server import RunaiFactory
-from runai.test.support import FakeImage, ManualPool, ScriptedEngine, SyncReactor, decode_all, frame
-from runai.test.test_store import KEY, PROMPT_MARKER, SyncPool, files_state, start_twistd, tiny_models, tiny_request
-from runai.worker import Worker
+from runai.test.support import FactoryTestCase, FakeImage, ScriptedEngine, SyncPool, frame
+from runai.test.test_store import KEY, PROMPT_MARKER, files_state, start_twistd, tiny_models, tiny_request
 
 P = 1024
 
@@ -78,20 +75,12 @@ class WithheldImage(FakeImage):
     withheld: bool = True
 
 
-class ServerTestCase(SynchronousTestCase):
+class ServerTestCase(FactoryTestCase):
     """The factory with a real store (run in line) and a scripted engine."""
 
     with_store = True
 
-    def setUp(self):
-        self.models = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.models, "v1", "tiny"))
-        with open(os.path.join(self.models, "v1", "tiny", "model_index.json"), "w") as f:
-            f.write("{}")
-        self.reactor = SyncReactor()
-        self.pool = ManualPool()
-        self.engine = ScriptedEngine()
-        self.worker = Worker(self.reactor, engine_factory=lambda device, dtype: self.engine, pool=self.pool)
+    def factory_options(self):
         self.store = None
         if self.with_store:
             folder = os.path.realpath(self.mktemp())
@@ -99,18 +88,7 @@ class ServerTestCase(SynchronousTestCase):
             self.store = store.Store(os.path.join(folder, "h.db"), KEY, self.reactor, pool=SyncPool())
             self.store.start()
             self.addCleanup(self.store.stop)
-        self.factory = RunaiFactory(self.worker, self.models, clock=self.reactor, store=self.store)
-
-    def connect(self):
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 12345))
-        proto.makeConnection(transport)
-        return proto, transport
-
-    def replies(self, transport):
-        messages = decode_all(transport.value())
-        transport.clear()
-        return messages
+        return dict(store=self.store)
 
     def ask(self, proto, transport, obj):
         proto.dataReceived(frame(obj))

@@ -1,48 +1,19 @@
 """The server protocol and queue, driven through StringTransport and a Clock."""
 
-import os
-
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
-
 from runai import errors, framing
 from runai.client import txt2img_request
-from runai.server import RunaiFactory
-from runai.test.support import ManualPool, ScriptedEngine, SyncReactor, decode_all, frame
-from runai.worker import Worker
+from runai.test.support import FactoryTestCase, frame
 
 P = 1024
 
 
-class ServerTestCase(SynchronousTestCase):
+class ServerTestCase(FactoryTestCase):
     auto_shutdown = False
 
-    def setUp(self):
-        self.models = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.models, "v1", "tiny"))
-        with open(os.path.join(self.models, "v1", "tiny", "model_index.json"), "w") as f:
-            f.write("{}")
-        self.reactor = SyncReactor()
-        self.pool = ManualPool()
-        self.engine = ScriptedEngine()
-        self.worker = Worker(self.reactor, engine_factory=lambda device, dtype: self.engine, pool=self.pool)
+    def factory_options(self):
         self.stopped = []
-        self.factory = RunaiFactory(
-            self.worker, self.models, clock=self.reactor, stop=lambda: self.stopped.append(True),
-            idle_timeout=30, auto_shutdown=self.auto_shutdown, timeout=10,
-        )
-
-    def connect(self):
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 12345))
-        proto.makeConnection(transport)
-        return proto, transport
-
-    def replies(self, transport):
-        messages = decode_all(transport.value())
-        transport.clear()
-        return messages
+        return dict(stop=lambda: self.stopped.append(True), idle_timeout=30, auto_shutdown=self.auto_shutdown,
+                    timeout=10)
 
     def request(self, **options):
         options.setdefault("steps", 3)

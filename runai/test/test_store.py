@@ -27,38 +27,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai import errors, store, tap
 from runai.client import BlockingClient
 from runai.images import EncodedImage
 from runai.request import GenerationRequest
-from runai.test.support import FakeImage, ManualPool, SyncReactor
+from runai.test.support import FakeImage, ManualPool, SyncPool, SyncReactor
 
 KEY = store.Key("correct horse battery staple")
 PROMPT_MARKER = "zebra-lighthouse-7f3a9c"
-
-
-class SyncPool:
-    """The store's pool, run in line: each call happens when it is made."""
-
-    def __init__(self):
-        self.started = self.stopped = False
-
-    def start(self):
-        self.started = True
-
-    def stop(self):
-        self.stopped = True
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 def request(prompt="a lighthouse", seed=42, rid="job-1", **extra):

@@ -9,7 +9,7 @@ import json
 import socket
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 
 from runai import framing
@@ -45,6 +45,10 @@ def txt2img_request(prompt, model, request_id=None, **options):
 
 def encode_request(obj, packet_size=framing.DEFAULT_PACKET_SIZE):
     return framing.encode(json.dumps(obj).encode("utf-8"), packet_size)
+
+
+# Requests answered by one message whose action names the request.
+SINGLE_REPLY_ACTIONS = ("pong", "models", "history", "history_delete")
 
 
 def is_final(message):
@@ -165,7 +169,7 @@ class RunaiClientProtocol(Protocol):
             return
         messages, d = self._waiting[rid]
         messages.append(message)
-        if is_final(message) or message.get("action") in ("pong", "models"):
+        if is_final(message) or message.get("action") in SINGLE_REPLY_ACTIONS:
             del self._waiting[rid]
             d.callback(messages)
 
@@ -174,6 +178,10 @@ class RunaiClientProtocol(Protocol):
         obj = dict(obj)
         if self.token is not None:
             obj["token"] = self.token
+        if obj.get("action") == "cancel":
+            # A cancel's id is the job's: its answer is that job's own final message.
+            self.transport.write(encode_request(obj, self.packet_size))
+            return succeed(None)
         if obj.get("id") is None:
             self._next_id += 1
             obj["id"] = f"c{self._next_id}"

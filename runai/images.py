@@ -20,6 +20,8 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PIXELS = 4096 * 4096
 MAX_SIDE = 8192
 MAX_BASE64_CHARS = 48 * 1024 * 1024
+# Room for metadata (ICC profiles, EXIF) beyond the pixels themselves.
+ALLOWED_EXTRA_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ def check_image(value, what, max_pixels=MAX_PIXELS, max_base64_chars=MAX_BASE64_
             errors.OUT_OF_RANGE,
             f"image {what!r} is {width}x{height}; at most {max_pixels} pixels and {MAX_SIDE} per side",
         )
+    if len(data) > width * height * 4 + ALLOWED_EXTRA_BYTES:
+        # More bytes than even an uncompressed RGBA picture of that size needs: the rest
+        # would only sit in memory while the job waits.
+        raise errors.RunaiError(
+            errors.BAD_REQUEST, f"image {what!r} is {len(data)} bytes for {width}x{height} pixels: too many")
     return EncodedImage(data, fmt, width, height, mode)
 
 

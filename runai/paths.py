@@ -126,6 +126,16 @@ def resolve_model(model_dir, name, base_path=None):
 def safety_checker_path(model_dir):
     """The safety checker's folder if it is installed in the model folder, else None."""
     resolved = contained(model_dir, model_dir / SAFETY_CHECKER)
-    if resolved is None or not (resolved / "config.json").is_file():
+    try:
+        if resolved is None or not (resolved / "config.json").is_file():
+            return None
+        # from_pretrained follows links: every file it may open must lie inside too.
+        for entry in os.scandir(resolved):
+            if contained(model_dir, entry.path) is None:
+                raise errors.RunaiError(
+                    errors.PATH_OUTSIDE_MODEL_DIR,
+                    f"{SAFETY_CHECKER}/{entry.name} is a link to a place outside the model folder",
+                )
+    except OSError:
         return None
     return str(resolved)

@@ -214,10 +214,12 @@ def parse_generation(action, options, model_dir, limits):
     default_width = default_height = 512
     if action in IMAGE_ACTIONS:
         pixels = check_image(opts.raw("pixels", required=True), "pixels")
-        # Without an explicit size, paint at the picture's own size (to the multiple of 8).
+        # Without an explicit size, paint at the picture's own size (to the multiple of 8),
+        # scaled down to the size limit if it is larger.
         multiple = limits.size_multiple
-        default_width = max(limits.min_size, pixels.width // multiple * multiple)
-        default_height = max(limits.min_size, pixels.height // multiple * multiple)
+        scale = min(1.0, limits.max_size / max(pixels.width, pixels.height))
+        default_width = max(limits.min_size, int(pixels.width * scale) // multiple * multiple)
+        default_height = max(limits.min_size, int(pixels.height * scale) // multiple * multiple)
     if action in MASK_ACTIONS:
         raw_mask = opts.raw("mask")
         mask = None if raw_mask is None else check_image(raw_mask, "mask")

@@ -51,9 +51,19 @@ class AutoShutdown:
         self.stop()
 
 
+def _input_bytes(request):
+    images = (getattr(request, "pixels", None), getattr(request, "mask", None))
+    return sum(len(image.data) for image in images if image is not None)
+
+
 class RunaiFactory(ServerFactory):
     protocol = RunaiProtocol
     log = Logger()
+
+    # Bounds on what clients together can make the server hold; tests may lower them.
+    max_connections = 64
+    max_queued_input_bytes_per_client = 128 * 1024 * 1024
+    max_queued_input_bytes = 512 * 1024 * 1024
 
     def __init__(self, worker, model_dir, clock, stop=None, packet_size=framing.DEFAULT_PACKET_SIZE,
                  max_message_size=framing.DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=60.0,
@@ -109,10 +119,18 @@ class RunaiFactory(ServerFactory):
     # Requests ------------------------------------------------------------------------
 
     def message_received(self, proto, payload):
+        try:
+            self._handle(proto, payload)
+        except Exception:
+            # A bug must cost one request, not the connection and the client's other jobs.
+            self.log.failure("A request could not be handled")
+            proto.send_error(errors.RunaiError(errors.INTERNAL, "the server failed to handle this request"))
+
+    def _handle(self, proto, payload):
         obj = None
         try:
             obj = decode_message(payload)
-            self._authenticate(obj)
+            self._authenticate(proto, obj)
             request = parse_request(obj, self.model_dir, self.limits)
         except errors.RunaiError as e:
             rt, rid = (reqtype(obj), request_id(obj)) if obj is not None else (None, None)
@@ -184,15 +202,40 @@ class RunaiFactory(ServerFactory):
         self.log.info("Job {serial}: convert {model} into {target}",
                       serial=job.serial, model=request.model_name, target=request.target_name)
 
-    def _authenticate(self, obj):
+    def _authenticate(self, proto, obj):
         if self.token is None:
             return
         given = obj.get("token")
         # Constant-time: the comparison must not tell an attacker how much of a guess was right.
         if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token):
             raise errors.RunaiError(errors.UNAUTHORIZED, "this server needs a valid 'token' in every request")
+        proto.authenticated = True
+
+    def buildProtocol(self, addr):
+        if len(self.clients) >= self.max_connections:
+            self.log.warn("Refusing a connection from {addr}: already {n} clients", addr=addr, n=len(self.clients))
+            return None
+        return super().buildProtocol(addr)
+
+    def _check_input_bytes(self, proto, request):
+        """Queued jobs hold their clients' images until they run: bound that memory."""
+        size = _input_bytes(request)
+        if not size:
+            return
+        mine = sum(_input_bytes(job.request) for job in self.worker.jobs_of(proto))
+        everyone = sum(_input_bytes(job.request) for client in self.clients for job in self.worker.jobs_of(client))
+        if mine + size > self.max_queued_input_bytes_per_client or everyone + size > self.max_queued_input_bytes:
+            raise errors.RunaiError(
+                errors.QUEUE_FULL,
+                "too many input images are waiting in the queue; send this request when earlier ones are done",
+            )
 
     def enqueue(self, proto, request):
+        try:
+            self._check_input_bytes(proto, request)
+        except errors.RunaiError as e:
+            proto.send_error(e, request.action, request.id)
+            return
         if request.nsfw_filter and request.safety_checker is None:
             if self.refuse_unchecked:
                 proto.send_error(errors.RunaiError(
@@ -234,6 +277,10 @@ class RunaiFactory(ServerFactory):
             self.worker.cancel(running)
 
     def quit_requested(self, proto):
+        if self.token is not None and not getattr(proto, "authenticated", False):
+            # A control packet carries no token: only a client that has shown it may stop us.
+            proto.close()
+            return
         if self.auto_shutdown is not None:
             self.log.info("A client asked the server to quit")
             self._stop_server()

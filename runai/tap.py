@@ -206,8 +206,12 @@ def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
 
+    stopping = []
+
     def stop():
-        if reactor.running:
+        # Once only: a second x packet, or one during Ctrl-C, must not raise ReactorNotRunning.
+        if reactor.running and not stopping:
+            stopping.append(True)
             reactor.stop()
 
     store = None

@@ -4,6 +4,7 @@ The client here frames and reads exactly like the legacy Krita client: it pads t
 packets, sends the EOM packet, reads P bytes at a time and strips the NULs.
 """
 
+import atexit
 import base64
 import io
 import json
@@ -35,13 +36,12 @@ def tiny_model_dir():
     if _models is None:
         from runai.test.tiny import build_tiny_pipeline
         _models = os.path.realpath(tempfile.mkdtemp(prefix="runai-models-"))
+        # trial has no tearDownModule: remove it when the test run ends.
+        atexit.register(shutil.rmtree, _models, True)
         build_tiny_pipeline(os.path.join(_models, "v1", "tiny"))
     return _models
 
 
-def tearDownModule():
-    if _models is not None:
-        shutil.rmtree(_models, ignore_errors=True)
 
 
 class LegacyClient:

@@ -1,6 +1,7 @@
 """img2img, inpaint, outpaint, long prompts, input images and the safety checker, on
 tiny random-weight models: the real diffusers pipelines, on the CPU."""
 
+import atexit
 import base64
 import io
 import os
@@ -30,6 +31,8 @@ def models():
     if _root is None:
         from runai.test.tiny import build_tiny_pipeline
         _root = os.path.realpath(tempfile.mkdtemp(prefix="runai-modes-"))
+        # trial has no tearDownModule: remove it when the test run ends.
+        atexit.register(shutil.rmtree, _root, True)
         tiny = build_tiny_pipeline(os.path.join(_root, "v1", "tiny"))
         _make_inpainting(tiny, os.path.join(_root, "v1", "tiny-inpainting"))
         _make_checker(os.path.join(_root, "checkers", "flags-all"), flag=True)
@@ -37,9 +40,6 @@ def models():
     return _root
 
 
-def tearDownModule():
-    if _root is not None:
-        shutil.rmtree(_root, ignore_errors=True)
 
 
 def _make_inpainting(source, target):
@@ -144,6 +144,17 @@ class Img2ImgTests(ModeTestCase):
         obj = request("img2img", pixels=png(picture((100, 75))))
         del obj["options"]["img2img_width"], obj["options"]["img2img_height"]
         self.assertEqual((parse(obj).width, parse(obj).height), (96, 72))
+
+    def test_size_from_a_large_picture_stays_within_the_limits(self):
+        obj = request("img2img", pixels=png(Image.new("RGB", (8192, 1024))))
+        del obj["options"]["img2img_width"], obj["options"]["img2img_height"]
+        self.assertEqual((parse(obj).width, parse(obj).height), (2048, 256))
+
+    def test_image_with_more_bytes_than_pixels_refused(self):
+        padded = base64.b64decode(png(picture((8, 8)))) + b"\0" * (2 * 1024 * 1024)
+        with self.assertRaises(errors.RunaiError) as caught:
+            images.check_image(base64.b64encode(padded).decode(), "pixels")
+        self.assertEqual(caught.exception.code, errors.BAD_REQUEST)
 
     def test_every_scheduler(self):
         for name in SCHEDULERS:

@@ -6,7 +6,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai import errors
-from runai.paths import MAX_NAME_LENGTH, resolve_model
+from runai.paths import MAX_NAME_LENGTH, resolve_model, safety_checker_path
 
 
 class ResolveModelTests(SynchronousTestCase):
@@ -199,3 +199,27 @@ class ResolveModelTests(SynchronousTestCase):
         # JSON can carry a lone surrogate; no file name can hold one.
         self.assert_code("v1/\ud800", errors.BAD_REQUEST)
         self.assert_code("v1/tiny", errors.BAD_REQUEST, str(self.model_dir) + "/\udfff")
+
+
+class SafetyCheckerPathTests(SynchronousTestCase):
+    def setUp(self):
+        self.model_dir = Path(os.path.realpath(self.mktemp()))
+        self.checker = self.model_dir / "CompVis" / "stable-diffusion-safety-checker"
+        self.checker.mkdir(parents=True)
+        (self.checker / "config.json").write_text("{}")
+
+    def test_installed(self):
+        self.assertEqual(safety_checker_path(self.model_dir), str(self.checker))
+
+    def test_missing(self):
+        (self.checker / "config.json").unlink()
+        self.assertIsNone(safety_checker_path(self.model_dir))
+
+    def test_a_file_linked_outside_is_refused(self):
+        outside = Path(os.path.realpath(self.mktemp()))
+        outside.mkdir()
+        (outside / "model.safetensors").write_bytes(b"secret")
+        (self.checker / "model.safetensors").symlink_to(outside / "model.safetensors")
+        with self.assertRaises(errors.RunaiError) as caught:
+            safety_checker_path(self.model_dir)
+        self.assertEqual(caught.exception.code, errors.PATH_OUTSIDE_MODEL_DIR)

@@ -70,6 +70,22 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNotNone(listen.factory.auto_shutdown)
 
 
+class StopOnceTests(SynchronousTestCase):
+    def test_stop_is_idempotent(self):
+        from twisted.internet.testing import MemoryReactorClock
+        reactor = MemoryReactorClock()
+        reactor.running = True
+        calls = []
+        reactor.stop = lambda: calls.append(True)
+        options = tap.Options()
+        options.parseOptions(["--port", "0", "--auto-shutdown"])
+        listen = list(tap.makeService(options, reactor=reactor))[-1]
+        # Two x packets in one read, or one during Ctrl-C: stop the reactor once.
+        listen.factory.stop()
+        listen.factory.stop()
+        self.assertEqual(calls, [True])
+
+
 class NoTorchAtStartTests(SynchronousTestCase):
     def test_tap_does_not_import_torch(self):
         import subprocess

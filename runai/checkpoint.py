@@ -286,6 +286,32 @@ def _state_dict_of(obj):
     return obj
 
 
+class _BoundedReader:
+    """A file as :mod:`pickletools` reads it, where no read may ask for more than what is
+    left of the file, nor more than MAX_PICKLE_BYTES in all: the lengths in a pickle come
+    from the file itself, and a 13-byte file may declare a 32 TB string."""
+
+    def __init__(self, f):
+        size = os.fstat(f.fileno()).st_size
+        self._f = f
+        self._left = max(0, min(size - f.tell(), MAX_PICKLE_BYTES))
+
+    def read(self, n):
+        if n is None or n < 0:
+            raise CheckpointError("malformed pickle (unbounded read)")
+        if n > self._left:
+            raise CheckpointError(f"malformed pickle: it declares {n} bytes where at most {self._left} can follow")
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def readline(self):
+        # pickletools wants the newline: a line cut at the bound fails there, as it should.
+        data = self._f.readline(self._left)
+        self._left -= len(data)
+        return data
+
+
 def ckpt_tensor_shapes(path):
     """``{name: shape}`` of the tensors in a torch ``.ckpt``, without unpickling it."""
     try:
@@ -302,9 +328,10 @@ def ckpt_tensor_shapes(path):
             # The pre-1.6 format: a magic number, a protocol version and system info,
             # each a pickle of its own, then the object.
             with open(path, "rb") as f:
+                reader = _BoundedReader(f)
                 for _ in range(3):
-                    _walk_pickle(f)
-                obj = _walk_pickle(f)
+                    _walk_pickle(reader)
+                obj = _walk_pickle(reader)
     except CheckpointError:
         raise
     except (OSError, zipfile.BadZipFile) as e:

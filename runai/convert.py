@@ -14,6 +14,7 @@ when complete, so that an interrupted conversion never leaves half a model that 
 library would list, and never replace anything that exists.
 """
 
+import errno
 import os
 import secrets
 import shutil
@@ -21,8 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from twisted.logger import Logger
+
 from runai import errors, library
 from runai.loader import LoadError, check_tree, pipeline_from_single_file
+from runai.paths import contained
+
+log = Logger()
 
 STAGES = ("read", "unet", "vae", "text_encoder", "tokenizer", "save")
 
@@ -55,9 +61,68 @@ def _remove(path):
             pass
 
 
+def _exists(shown):
+    return ConvertError(f"{shown} already exists; move it away first (nothing is overwritten)")
+
+
 def _check_free(dst, shown):
     if os.path.lexists(dst):
-        raise ConvertError(f"{shown} already exists; move it away first (nothing is overwritten)")
+        raise _exists(shown)
+
+
+def _move_into_place(temporary, dst, shown):
+    """Rename ``temporary`` to ``dst`` unless ``dst`` exists, without the gap between a
+    check and a rename in which something could appear at ``dst`` and be replaced."""
+    if os.name == "nt":
+        os.rename(temporary, dst)  # never replaces there: FileExistsError
+        return
+    if temporary.is_dir():
+        # rename() replaces an empty directory: make dst ours first (mkdir fails if it
+        # exists), then replace that empty placeholder. Whatever someone put into it in
+        # between makes the rename fail with ENOTEMPTY rather than be replaced.
+        try:
+            os.mkdir(dst)
+        except FileExistsError:
+            raise _exists(shown)
+        try:
+            os.rename(temporary, dst)
+        except OSError as e:
+            try:
+                os.rmdir(dst)  # only if still empty: then it is our placeholder
+            except OSError:
+                pass
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise _exists(shown)
+            raise
+        return
+    # A hard link is made only where nothing is: the file appears whole, or not at all.
+    try:
+        os.link(temporary, dst)
+    except FileExistsError:
+        raise _exists(shown)
+    except OSError:
+        # A file system without hard links: an exclusively created placeholder, then
+        # replaced by the rename.
+        try:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise _exists(shown)
+        placeholder = os.fstat(fd).st_ino
+        os.close(fd)
+        try:
+            os.rename(temporary, dst)
+        except OSError:
+            try:
+                if os.stat(dst, follow_symlinks=False).st_ino == placeholder:
+                    os.unlink(dst)
+            except OSError:
+                pass
+            raise
+        return
+    try:
+        os.unlink(temporary)
+    except OSError:
+        pass  # the model is in place; the caller removes what is left of the temporary
 
 
 def _write_then_rename(dst, shown, write):
@@ -67,11 +132,11 @@ def _write_then_rename(dst, shown, write):
     try:
         write(temporary)
         _check_free(dst, shown)
-        os.rename(temporary, dst)
+        _move_into_place(temporary, dst, shown)
     except OSError as e:
         raise ConvertError(f"cannot write {shown}: {e.strerror or e}")
     finally:
-        if temporary.exists():
+        if os.path.lexists(temporary):
             _remove(temporary)
 
 
@@ -126,13 +191,31 @@ def run_request(request, loader, on_progress, is_cancelled):
     if loader.library is None:
         raise errors.RunaiError(errors.INTERNAL, "this engine has no model folder")
     try:
-        entry = loader.library.describe(request.model_path, request.model_name)
+        # Checked again here, in the worker, just before it is read: a link may have been
+        # swapped in since the request was parsed.
+        source = contained(loader.model_dir, request.model_path)
+        if source is None:
+            raise ConvertError("it leads outside the model folder (it changed on disk since the request came in)")
+        entry = loader.library.describe(source, request.model_name)
         version = single_file_to_diffusers(
-            request.model_path, request.target_path, loader.model_dir, entry,
+            source, request.target_path, loader.model_dir, entry,
             on_progress=on_progress, is_cancelled=is_cancelled, shown=request.target_name,
         )
+    except errors.RunaiError:
+        raise  # a cancel, or an error that is already the client's
     except ConvertError as e:
         raise errors.RunaiError(errors.CONVERT_FAILED, f"could not convert {request.model_name!r}: {e.message}")
+    except Exception as e:
+        # diffusers' conversion functions, the device (out of memory), a file that went
+        # away: all of them a conversion that could not finish, never the server's fault.
+        log.failure("converting {name} failed", name=request.model_name)
+        cause = f"{type(e).__name__}: {e}"
+        for path, name in ((request.model_path, request.model_name), (request.target_path, request.target_name)):
+            cause = cause.replace(str(path), str(name))
+        if loader.model_dir is not None:
+            cause = cause.replace(str(loader.model_dir) + os.sep, "")
+        raise errors.RunaiError(errors.CONVERT_FAILED,
+                                f"could not convert {request.model_name!r}: {cause[:500]}")
     return ConvertResult(request.target_name, request.model_name, version, time.monotonic() - started)
 
 

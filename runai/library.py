@@ -69,6 +69,12 @@ class Classification:
 # -- content rules ---------------------------------------------------------------------
 
 
+def _int(value):
+    """``value`` if it is an int (not a bool), else None: configs are JSON/YAML from the
+    disk, and a list or a mapping where a width belongs must not reach a dict lookup."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _text_encoder_version(keys):
     for key in keys:
         if key.startswith("conditioner.embedders."):
@@ -171,6 +177,7 @@ def classify_diffusers(folder, model_dir):
     context = unet.get("cross_attention_dim")
     if isinstance(context, list):
         context = context[0] if context else None
+    context = _int(context)
     sdxl = unet.get("addition_embed_type") == "text_time" or "text_encoder_2" in index
     if sdxl or (pipeline_class and "XL" in pipeline_class):
         version = SDXL
@@ -180,8 +187,9 @@ def classify_diffusers(folder, model_dir):
         version = V2
     else:
         version = V1
-    in_channels = unet.get("in_channels", 4)
-    prediction = scheduler.get("prediction_type") or "epsilon"
+    in_channels = _int(unet.get("in_channels", 4))
+    prediction = scheduler.get("prediction_type")
+    prediction = prediction if isinstance(prediction, str) and prediction else "epsilon"
     return Classification(
         kind="pipeline", version=version, inpainting=in_channels == 9, in_channels=in_channels,
         prediction_type=prediction, pipeline_class=pipeline_class,
@@ -218,9 +226,9 @@ def read_sidecar(path, model_dir):
     said["prediction_type"] = "v_prediction" if params.get("parameterization") == "v" else "epsilon"
     unet = (params.get("unet_config") or {}).get("params") if isinstance(params.get("unet_config"), dict) else None
     if isinstance(unet, dict):
-        if isinstance(unet.get("in_channels"), int):
+        if _int(unet.get("in_channels")) is not None:
             said["in_channels"] = unet["in_channels"]
-        if unet.get("context_dim") in CONTEXT_DIMS:
+        if _int(unet.get("context_dim")) in CONTEXT_DIMS:
             said["version"] = CONTEXT_DIMS[unet["context_dim"]]
     if "sgm." in str(model.get("target", "")):
         said["version"] = SDXL
@@ -355,12 +363,28 @@ class ModelLibrary:
             cached = self._cache.get(key)
         if cached is not None:
             return replace(cached, name=name) if cached.name != name else cached
-        entry = self._classify(path, name, fmt)
+        try:
+            entry = self._classify(path, name, fmt)
+        except Exception as e:
+            # One malformed file must never hide the others: it is listed, with why. The
+            # entry is cached like any other, so this is logged once, not on every scan.
+            entry = self._failed(path, name, fmt, e)
         with self._lock:
             if len(self._cache) > 4096:
                 self._cache.clear()
             self._cache[key] = entry
         return entry
+
+    def _failed(self, path, name, fmt, e):
+        log.failure("cannot classify {name}", name=name)
+        # The server's own paths are no business of a client's.
+        cause = f"{type(e).__name__}: {e}".replace(path, name).replace(str(self.model_dir) + os.sep, "")
+        try:
+            size = os.path.getsize(path) if fmt != DIFFUSERS else 0
+        except OSError:
+            size = 0
+        return ModelEntry(name=name, path=path, format=fmt, size=size,
+                          error=f"cannot read this model: {cause[:300]}")
 
     def _classify(self, path, name, fmt):
         error = None
@@ -454,7 +478,12 @@ class ModelLibrary:
         try:
             return self.describe(resolved, name)
         except (OSError, ValueError):
-            return None
+            return None  # gone since the folder was read, or not a model after all
+        except Exception as e:
+            # describe() turns a failed classification into an entry with its error;
+            # whatever is left must still not cost the client the rest of the list.
+            fmt = FILE_FORMATS.get(path.suffix.lower(), DIFFUSERS)
+            return self._failed(str(resolved), name, fmt, e)
 
 
 def _apply_sidecar(c, said, name):

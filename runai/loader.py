@@ -519,8 +519,17 @@ class ModelLoader:
             return None, cause[:MAX_CAUSE_CHARS], False
         return pipe, None, False
 
+    def _inside(self, path):
+        """``path`` resolved again, here in the worker, just before it is opened: it was
+        checked when the request was parsed, and a link may have been swapped in since."""
+        resolved = contained(self.model_dir, path)
+        if resolved is None:
+            raise LoadError("it leads outside the model folder (it changed on disk since the request came in)")
+        return str(resolved)
+
     def _load_folder(self, path):
         if self.model_dir is not None:
+            path = self._inside(path)
             check_tree(self.model_dir, path)
         pipe = StableDiffusionPipeline.from_pretrained(
             path,
@@ -540,6 +549,7 @@ class ModelLoader:
     def _load_file(self, path, name):
         if self.library is None:
             raise LoadError("single-file models need the server's model folder (for their configs)")
+        path = self._inside(path)
         entry = self.library.describe(path, name)
         return pipeline_from_single_file(path, self.model_dir, entry, self.device, self.dtype)
 

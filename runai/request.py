@@ -288,6 +288,11 @@ def parse_convert(obj, model_dir, rid):
     source, name = resolve_model(model_dir, opts.string("model", max_chars=4096), options.get("model_base_path"))
     if source.is_dir():
         raise errors.RunaiError(errors.BAD_REQUEST, f"{name!r} is a diffusers folder already")
+    if not source.stem or source.stem.startswith("."):
+        # "..ckpt" would convert to "." (or nowhere), ".x.ckpt" to a hidden folder that
+        # the library never lists.
+        raise errors.RunaiError(
+            errors.BAD_REQUEST, f"{name!r} has no name to give its diffusers folder; rename it first")
     # The source was resolved inside the model folder, so its folder is inside it too.
     target = source.with_name(source.stem)
     target_name = target.relative_to(model_dir).as_posix()

@@ -243,6 +243,30 @@ class StaticWalkTests(SynchronousTestCase):
             with self.assertRaises(checkpoint.CheckpointError):
                 checkpoint.ckpt_tensor_shapes(path)
 
+    def test_lengths_the_file_cannot_hold_are_refused_unread(self):
+        # A legacy (non-zip) pickle declares its own lengths: 13 bytes may declare 32 TB.
+        for name, data in (
+            ("bytes8.ckpt", b"\x80\x04\x8e" + struct.pack("<Q", 2**45) + b"\x00\x00"),
+            ("unicode8.ckpt", b"\x80\x04\x8d" + struct.pack("<Q", 2**40) + b"abc"),
+            ("bytes4.ckpt", b"\x80\x03B" + struct.pack("<I", 2**31) + b"abc"),
+        ):
+            path = self.dir / name
+            path.write_bytes(data)
+            with self.assertRaises(checkpoint.CheckpointError) as caught:
+                checkpoint.ckpt_tensor_shapes(path)
+            self.assertIn("malformed pickle", caught.exception.message, name)
+
+    def test_a_line_is_read_within_bounds(self):
+        # Text opcodes read up to a newline: one that never comes is not read whole.
+        path = self.dir / "line.ckpt"
+        path.write_bytes(b"S'" + b"x" * 4096)
+        self.patch(checkpoint, "MAX_PICKLE_BYTES", 1024)
+        with open(path, "rb") as f:
+            reader = checkpoint._BoundedReader(f)
+            self.assertEqual((len(reader.read(1)), len(reader.readline())), (1, 1023))
+        with self.assertRaises(checkpoint.CheckpointError):
+            checkpoint.ckpt_tensor_shapes(path)
+
     def test_zip_without_pickle(self):
         path = self.dir / "z.ckpt"
         with zipfile.ZipFile(path, "w") as archive:

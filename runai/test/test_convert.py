@@ -3,6 +3,7 @@
 
 import os
 import shutil
+import types
 from pathlib import Path
 
 import torch
@@ -11,9 +12,10 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from runai import cli, convert, errors, library
+from runai import checkpoint, cli, convert, errors, library
 from runai.client import BlockingClient
 from runai.engine import Engine
+from runai.request import ConvertRequest, parse_request
 from runai.server import RunaiFactory
 from runai.test import library_fixtures as fx
 from runai.worker import Worker
@@ -165,6 +167,135 @@ class ImportTests(SynchronousTestCase):
         with self.assertRaises(convert.ConvertError):
             self.convert(path, self.models / "v1" / "a")
         self.assertEqual(os.listdir(self.models / "v1" / "a"), [])
+
+
+class MoveIntoPlaceTests(SynchronousTestCase):
+    """Something that appears at the destination between the check and the rename is
+    never replaced."""
+
+    def setUp(self):
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir()
+
+    def appears_after_the_check(self, make):
+        real = convert._check_free
+
+        def check_free(dst, shown):
+            real(dst, shown)
+            make(Path(dst))
+
+        self.patch(convert, "_check_free", check_free)
+
+    def write_folder(self, temporary):
+        temporary.mkdir()
+        (temporary / "model_index.json").write_text("{}")
+
+    def test_a_folder_created_meanwhile(self):
+        dst = self.dir / "m"
+        self.appears_after_the_check(lambda path: path.mkdir())
+        with self.assertRaises(convert.ConvertError) as caught:
+            convert._write_then_rename(dst, "v1/m", self.write_folder)
+        self.assertIn("already exists", caught.exception.message)
+        self.assertEqual(os.listdir(self.dir), ["m"])
+        self.assertEqual(os.listdir(dst), [])
+
+    def test_a_file_created_meanwhile(self):
+        dst = self.dir / "m.safetensors"
+        self.appears_after_the_check(lambda path: path.write_bytes(b"theirs"))
+        with self.assertRaises(convert.ConvertError):
+            convert._write_then_rename(dst, "m.safetensors", lambda temporary: temporary.write_bytes(b"ours"))
+        self.assertEqual(os.listdir(self.dir), ["m.safetensors"])
+        self.assertEqual(dst.read_bytes(), b"theirs")
+
+    def test_without_hard_links(self):
+        def no_link(*args, **kwargs):
+            raise PermissionError(1, "Operation not permitted")
+
+        self.patch(os, "link", no_link)
+        dst = self.dir / "a.safetensors"
+        convert._write_then_rename(dst, "a.safetensors", lambda temporary: temporary.write_bytes(b"ours"))
+        self.assertEqual((os.listdir(self.dir), dst.read_bytes()), (["a.safetensors"], b"ours"))
+        dst = self.dir / "b.safetensors"
+        self.appears_after_the_check(lambda path: path.write_bytes(b"theirs"))
+        with self.assertRaises(convert.ConvertError):
+            convert._write_then_rename(dst, "b.safetensors", lambda temporary: temporary.write_bytes(b"ours"))
+        self.assertEqual(dst.read_bytes(), b"theirs")
+        self.assertEqual(sorted(os.listdir(self.dir)), ["a.safetensors", "b.safetensors"])
+
+    def test_in_place_when_free(self):
+        convert._write_then_rename(self.dir / "m", "m", self.write_folder)
+        convert._write_then_rename(self.dir / "f.safetensors", "f", lambda temporary: temporary.write_bytes(b"x"))
+        self.assertEqual(sorted(os.listdir(self.dir)), ["f.safetensors", "m"])
+        self.assertEqual(os.listdir(self.dir / "m"), ["model_index.json"])
+
+
+class RunRequestTests(SynchronousTestCase):
+    """The ``convert`` action's errors are ``convert_failed`` (or bad_request), whatever
+    raised them; never ``internal``."""
+
+    def setUp(self):
+        self.models = Path(self.mktemp()).absolute()
+        shutil.copytree(fx.model_folder() / "runwayml", self.models / "runwayml")
+        (self.models / "v1").mkdir()
+        shutil.copy(fx.model_folder() / "v1" / "both.safetensors", self.models / "v1" / "m.safetensors")
+        self.loader = types.SimpleNamespace(library=library.ModelLibrary(self.models), model_dir=self.models)
+
+    def run_request(self, name="v1/m.safetensors", is_cancelled=lambda: False):
+        req = ConvertRequest(model_path=str(self.models / name), model_name=name,
+                             target_path=str(self.models / "v1" / "m"), target_name="v1/m")
+        return convert.run_request(req, self.loader, lambda step, total: None, is_cancelled)
+
+    def assertFails(self, *words, name="v1/m.safetensors", code=errors.CONVERT_FAILED):
+        with self.assertRaises(errors.RunaiError) as caught:
+            self.run_request(name)
+        self.assertEqual(caught.exception.code, code)
+        for word in (name,) + words:
+            self.assertIn(word, caught.exception.message)
+        self.assertNotIn(str(self.models), caught.exception.message)
+        self.assertFalse(os.path.lexists(self.models / "v1" / "m"))
+
+    def test_an_error_inside_diffusers(self):
+        from diffusers.loaders import single_file_utils
+
+        def conversion(checkpoint, config, *args, **kwargs):
+            raise KeyError("first_stage_model.encoder.conv_in.weight")
+
+        self.patch(single_file_utils, "convert_ldm_vae_checkpoint", conversion)
+        self.assertFails("KeyError", "first_stage_model.encoder.conv_in.weight")
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(os.listdir(self.models / "v1"), ["m.safetensors"])
+
+    def test_out_of_memory(self):
+        def oom(path):
+            raise torch.OutOfMemoryError(f"CUDA out of memory reading {path}")
+
+        self.patch(checkpoint, "load_state_dict", oom)
+        self.assertFails("OutOfMemoryError", "out of memory")
+        self.flushLoggedErrors(torch.OutOfMemoryError)
+
+    def test_a_source_that_went_away(self):
+        os.unlink(self.models / "v1" / "m.safetensors")
+        self.assertFails("not a model")
+        self.flushLoggedErrors(ValueError)
+
+    def test_a_source_swapped_for_a_link_outside(self):
+        outside = self.models.parent / "elsewhere.safetensors"
+        os.rename(self.models / "v1" / "m.safetensors", outside)
+        os.symlink(outside, self.models / "v1" / "m.safetensors")
+        self.assertFails("outside the model folder")
+
+    def test_cancel_is_still_a_cancel(self):
+        with self.assertRaises(errors.JobCancelled):
+            self.run_request(is_cancelled=lambda: True)
+
+    def test_targets_without_a_name_are_refused_when_parsed(self):
+        for name in ("..ckpt", "...safetensors", ".hidden.ckpt", "v1/..ckpt"):
+            source = self.models / name
+            shutil.copy(self.models / "v1" / "m.safetensors", source)
+            with self.assertRaises(errors.RunaiError) as caught:
+                parse_request({"action": "convert", "options": {"convert_model": name}}, self.models)
+            self.assertEqual(caught.exception.code, errors.BAD_REQUEST, name)
+            os.unlink(source)
 
 
 class CommandTests(SynchronousTestCase):

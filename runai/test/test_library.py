@@ -1,8 +1,10 @@
 """runai.library and runai.paths: discovery, classification by content, best format,
 and the ``models`` action."""
 
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address
@@ -113,6 +115,88 @@ class ScanTests(SynchronousTestCase):
         (models / "v1").mkdir(parents=True)
         os.symlink(models, models / "v1" / "loop")
         self.assertEqual(library.ModelLibrary(models).scan(), [])
+
+
+class MalformedModelTests(SynchronousTestCase):
+    """One malformed model file or config never costs the client the rest of the list."""
+
+    BAD = ("v1/dictdim", "v2/listdim.safetensors", "v1/huge.ckpt", "v1/odd.safetensors")
+
+    def setUp(self):
+        real = checkpoint.tensor_shapes
+
+        def tensor_shapes(path):
+            if str(path).endswith("odd.safetensors"):
+                raise RuntimeError(f"surprise in {path}")
+            return real(path)
+
+        self.patch(checkpoint, "tensor_shapes", tensor_shapes)
+        self.models = self.folder(*self.BAD)
+
+    def folder(self, *bad):
+        models = Path(self.mktemp()).absolute()
+        shared = fx.model_folder()
+        v1, v2 = models / "v1", models / "v2"
+        v1.mkdir(parents=True)
+        v2.mkdir()
+        shutil.copy(shared / "v1" / "both.safetensors", v1 / "good.safetensors")
+        if "v1/dictdim" in bad:
+            # A mapping where unet/config.json has a width.
+            shutil.copytree(shared / "v1" / "both", v1 / "dictdim")
+            config = v1 / "dictdim" / "unet" / "config.json"
+            config.write_text(json.dumps(dict(json.loads(config.read_text()), cross_attention_dim={})))
+        if "v2/listdim.safetensors" in bad:
+            # A list where the side-car has a width.
+            shutil.copy(shared / "v2" / "tiny.safetensors", v2 / "listdim.safetensors")
+            (v2 / "listdim.yaml").write_text(
+                "model:\n  params:\n    unet_config:\n      params:\n        context_dim: [768]\n")
+        if "v1/huge.ckpt" in bad:
+            # 13 bytes of a legacy (non-zip) pickle that declare a 32 TB string.
+            (v1 / "huge.ckpt").write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**45) + b"\x00\x00")
+        if "v1/odd.safetensors" in bad:
+            # A file whose classification fails in a way nobody foresaw (see setUp).
+            shutil.copy(shared / "v1" / "both.safetensors", v1 / "odd.safetensors")
+        return models
+
+    def test_each_alone(self):
+        for name in self.BAD:
+            entries = library.ModelLibrary(self.folder(name)).scan()
+            self.assertEqual(sorted(e.name for e in entries), sorted(["v1/good.safetensors", name]))
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_every_model_is_listed(self):
+        lib = library.ModelLibrary(self.models)
+        entries = {e.name: e for e in lib.scan()}
+        self.assertEqual(sorted(entries), ["v1/dictdim", "v1/good.safetensors", "v1/huge.ckpt",
+                                           "v1/odd.safetensors", "v2/listdim.safetensors"])
+        good = entries["v1/good.safetensors"].to_wire()
+        self.assertEqual((good["version"], good["served"], good.get("error")), ("v1", True, None))
+        # Bad values in configs are ignored: the content decides.
+        self.assertEqual((entries["v1/dictdim"].version, entries["v1/dictdim"].error), ("v1", None))
+        listdim = entries["v2/listdim.safetensors"]
+        self.assertEqual((listdim.version, listdim.sidecar, listdim.error), ("v2", "v2/listdim.yaml", None))
+        # Unreadable files are listed, with why.
+        huge = entries["v1/huge.ckpt"].to_wire()
+        self.assertFalse(huge["served"])
+        self.assertIn("malformed pickle", huge["error"])
+        odd = entries["v1/odd.safetensors"].to_wire()
+        self.assertFalse(odd["served"])
+        self.assertIn("RuntimeError: surprise in v1/odd.safetensors", odd["error"])
+        self.assertNotIn(str(self.models), odd["error"])
+        # Logged once, not on every scan.
+        lib.scan()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_the_models_action_answers(self):
+        factory = RunaiFactory(Worker(SyncReactor(), engine_factory=lambda device, dtype: ScriptedEngine(),
+                                      pool=ManualPool()), self.models, clock=SyncReactor())
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(frame({"action": "models"}))
+        [reply] = decode_all(transport.value())
+        self.assertEqual(len(reply["models"]), 5, reply)
+        self.flushLoggedErrors(RuntimeError)
 
 
 class RealLayoutTests(SynchronousTestCase):

@@ -172,6 +172,25 @@ class RefusalTests(LoaderTestCase):
         os.symlink(outside, weights)
         self.assertLoadFails(self.engine(models), "v1/m", "outside the model folder", models=models)
 
+    def test_a_file_swapped_for_a_link_outside_after_the_request(self):
+        # The request was checked when it was parsed; the worker checks again before it
+        # opens the file.
+        models = Path(self.mktemp()).absolute()
+        shutil.copytree(self.models / "runwayml", models / "runwayml")
+        (models / "v1").mkdir()
+        outside = models.parent / "swapped.safetensors"
+        shutil.copy(self.models / "v1" / "both.safetensors", outside)
+        os.symlink(outside, models / "v1" / "m.safetensors")
+        self.assertLoadFails(self.engine(models), "v1/m.safetensors", "outside the model folder", models=models)
+
+    def test_a_folder_swapped_for_a_link_outside_after_the_request(self):
+        models = Path(self.mktemp()).absolute()
+        (models / "v1").mkdir(parents=True)
+        outside = models.parent / "swapped"
+        outside.mkdir()
+        os.symlink(outside, models / "v1" / "m")
+        self.assertLoadFails(self.engine(models), "v1/m", "outside the model folder", models=models)
+
     def test_sdxl_and_non_models(self):
         engine = self.engine()
         self.assertLoadFails(engine, "sdxl/base.safetensors", "sdxl")

@@ -23,6 +23,11 @@ An ITEM is ``{"request_id", "time", "finished", "action", "model", "prompt",
 "negative_prompt", "params", "client_id", "status", "error", "seconds", "images"}``.
 The image messages are those of a generation (their ``reqtype`` is the stored request's
 action), so a legacy client shows them as it showed the originals.
+
+One ``history_get`` at a time per connection: another one sent before the first's
+``done`` is answered with the error ``queue_full``. Each image is read and sent only once
+the client has read enough of what came before (:meth:`runai.protocol.RunaiProtocol.when_writable`),
+so a client that does not read cannot make the server queue a whole request's images.
 """
 
 import base64
@@ -128,6 +133,12 @@ def answer(store, proto, request):
             errors.RunaiError(errors.NO_STORE, "this server keeps no history; start it with --db to keep one"),
             request.action, request.id)
         return None
+    if isinstance(request, HistoryGet) and getattr(proto, "history_get", None) is not None:
+        proto.send_error(
+            errors.RunaiError(errors.QUEUE_FULL, "a history_get is still being sent on this connection; "
+                                                 "ask for the next one after its 'done'"),
+            request.action, request.id)
+        return None
     handler = {HistoryList: _list, HistoryGet: _get, HistoryDelete: _delete}[type(request)]
     d = handler(store, proto, request)
     d.addErrback(_failed, proto, request)
@@ -154,6 +165,16 @@ def _list(store, proto, request):
 
 @inlineCallbacks
 def _get(store, proto, request):
+    proto.history_get = request
+    try:
+        yield _send_item(store, proto, request)
+    finally:
+        if proto.history_get is request:
+            proto.history_get = None
+
+
+@inlineCallbacks
+def _send_item(store, proto, request):
     item = yield store.get(request.request_id)
     if item is None:
         proto.send_error(errors.RunaiError(errors.NOT_FOUND, f"no request {request.request_id} in the history"),
@@ -163,8 +184,10 @@ def _get(store, proto, request):
     _reply(proto, request, {"action": "history_get", "item": item})
     params = item["params"]
     sent = 0
-    # One image at a time: a request of 128 large images never sits in memory whole.
+    # One image at a time: a request of 128 large images never sits in memory whole, and
+    # each is read only once the client has read what was sent before it.
     for meta in image_list:
+        yield proto.when_writable()
         if proto.closing:
             return
         png = yield store.image(meta["image_id"])

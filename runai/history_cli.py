@@ -93,6 +93,17 @@ def get_item(client, request_id):
     return item, [m for m in messages if "image" in m]
 
 
+class BadReply(Exception):
+    """The server's reply holds something that this command will not use."""
+
+
+def _whole_number(value, what, low):
+    """``value`` if it is an int (not a bool) of at least ``low``: file names are made of it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise BadReply(f"the server sent {what} {value!r}; expected a whole number of at least {low}")
+    return value
+
+
 def _connect(args):
     from runai.cli import _token
     return BlockingClient(args.host, args.port, args.packet_size, timeout=120, token=_token(args))
@@ -124,21 +135,36 @@ def list_command(args):
 
 def export_command(args):
     os.makedirs(args.directory, exist_ok=True)
-    written = 0
+    written, status = 0, 0
+    try:
+        for name in _export(args):
+            print(name)
+            written += 1
+    except BadReply as e:
+        print(f"runai: {e}; export stopped", file=sys.stderr)
+        status = 1
+    print(f"{written} image(s) written to {args.directory}", file=sys.stderr)
+    return status
+
+
+def _export(args):
+    """Write the selected requests' images; yields each file's name once written."""
     with _connect(args) as client:
         if args.request_id:
             ids = args.request_id
         else:
-            ids = [item["request_id"] for item in list_items(client, args.limit, args.before, args.query)]
+            ids = [_whole_number(item.get("request_id"), "a request id", 1)
+                   for item in list_items(client, args.limit, args.before, args.query)]
         for request_id in ids:
             item, images = get_item(client, request_id)
             for message in images:
+                index = _whole_number(message.get("index", 0), f"an image index (request {request_id})", 0)
                 about = {k: message.get(k) for k in ("seed", "width", "height", "index")}
                 texts = {
                     "parameters": parameters_text(item, about),
                     "runai": json.dumps(dict(item, image=about), ensure_ascii=False, separators=(",", ":")),
                 }
-                name = os.path.join(args.directory, f"runai-{request_id}-{message.get('index', 0)}.png")
+                name = os.path.join(args.directory, f"runai-{request_id}-{index}.png")
                 try:
                     # Exclusive: an export never overwrites a file, so it can be rerun.
                     with open(name, "xb") as f:
@@ -146,10 +172,7 @@ def export_command(args):
                 except FileExistsError:
                     print(f"{name}: exists, left as it was", file=sys.stderr)
                     continue
-                print(name)
-                written += 1
-    print(f"{written} image(s) written to {args.directory}", file=sys.stderr)
-    return 0
+                yield name
 
 
 def delete_command(args):

@@ -2,17 +2,27 @@
 
 Requests are handed to the factory (:class:`runai.server.RunaiFactory`), which owns the
 queue; this class only turns bytes into messages and replies into bytes.
+
+Backpressure: the protocol is its transport's streaming producer. When the client stops
+reading and the transport's buffer fills, Twisted pauses it, and it stops reading (and
+handling) that client's requests until the buffer has drained; a long reply (the images of
+a ``history_get``) waits on :meth:`RunaiProtocol.when_writable` between its messages.
 """
 
+import collections
 import json
 
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from runai import errors, framing
 
 
+@implementer(IPushProducer)
 class RunaiProtocol(Protocol, TimeoutMixin):
     log = Logger()
 
@@ -20,6 +30,13 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         self.decoder = None
         self.closing = False
         self.jobs = {}  # the client's id -> Job, for jobs queued or running
+        # Backpressure: paused while the transport's buffer is full (the client is not reading).
+        self.paused = False
+        self.history_get = None  # the history_get being sent now: one at a time per connection
+        self._producer = False  # registered with the transport as its producer
+        self._events = collections.deque()  # decoded, not yet handled: held while paused
+        self._handling = False
+        self._writable = []  # Deferreds of when_writable(), fired at resumeProducing
 
     # Twisted events ------------------------------------------------------------------
 
@@ -35,6 +52,8 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         self.decoder = framing.Decoder(factory.packet_size, factory.max_message_size)
         # The factory's clock, so that tests drive idle timeouts with a task.Clock.
         self.callLater = factory.clock.callLater
+        self.transport.registerProducer(self, True)
+        self._producer = True
         factory.client_connected(self)
 
     def dataReceived(self, data):
@@ -46,19 +65,33 @@ class RunaiProtocol(Protocol, TimeoutMixin):
             self.send_error(errors.RunaiError(errors.MESSAGE_TOO_LARGE, str(e)))
             self.close()
             return
-        for event in events:
-            if self.closing:
-                return
-            if isinstance(event, framing.Message):
-                self.factory.message_received(self, event.payload)
-            elif event is framing.CANCEL:
-                self.factory.cancel_running(self)
-            elif event is framing.QUIT:
-                self.factory.quit_requested(self)
+        self._events.extend(events)
+        self._handle_events()
+        self._arm_idle_timeout()
+
+    def _arm_idle_timeout(self):
         if not self.closing:
             # Only a client stuck half-way through a message is timed out: an idle
-            # connection between messages is a client waiting for its images.
-            self.setTimeout(self.factory.idle_timeout if self.decoder.buffered else None)
+            # connection between messages is a client waiting for its images. Nor is one
+            # while paused: then it is the server that does not read.
+            self.setTimeout(self.factory.idle_timeout if self.decoder.buffered and not self.paused else None)
+
+    def _handle_events(self):
+        """Handle the requests received, in order, until the client has to read first."""
+        if self._handling:
+            return
+        self._handling = True
+        try:
+            while self._events and not self.paused and not self.closing:
+                event = self._events.popleft()
+                if isinstance(event, framing.Message):
+                    self.factory.message_received(self, event.payload)
+                elif event is framing.CANCEL:
+                    self.factory.cancel_running(self)
+                elif event is framing.QUIT:
+                    self.factory.quit_requested(self)
+        finally:
+            self._handling = False
 
     def timeoutConnection(self):
         self.log.info("Dropping {peer}: half a message, then {timeout}s of silence",
@@ -72,7 +105,62 @@ class RunaiProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason):
         self.closing = True
         self.setTimeout(None)
+        self._unregister()
+        self._events.clear()
+        self._release_writers()
         self.factory.client_lost(self)
+
+    # IPushProducer: called by the transport ---------------------------------------------
+
+    def pauseProducing(self):
+        """The transport's buffer is full: the client is not reading what we send. Stop
+        reading its requests, so that it cannot ask for more, until it catches up."""
+        if self.paused or self.closing:
+            return
+        self.paused = True
+        self.setTimeout(None)
+        pause = getattr(self.transport, "pauseProducing", None)
+        if pause is not None:
+            pause()
+
+    def resumeProducing(self):
+        """The transport's buffer has drained: read the client again, and go on sending."""
+        if not self.paused:
+            return
+        self.paused = False
+        if not self.closing:
+            resume = getattr(self.transport, "resumeProducing", None)
+            if resume is not None:
+                resume()
+        self._release_writers()
+        self._handle_events()
+        self._arm_idle_timeout()
+
+    def stopProducing(self):
+        """The connection is gone (``connectionLost`` follows): nothing more is sent."""
+        self._producer = False  # the transport has forgotten us already
+        self.closing = True
+        self._events.clear()
+        self._release_writers()
+
+    def when_writable(self):
+        """A Deferred that fires when more may be sent: at once, unless the transport has
+        paused us; then when it resumes us (or the connection ends: check ``closing``)."""
+        if not self.paused or self.closing:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._writable.append(d)
+        return d
+
+    def _release_writers(self):
+        # One at a time: a writer may fill the buffer again, and the others then wait.
+        while self._writable and (self.closing or not self.paused):
+            self._writable.pop(0).callback(None)
+
+    def _unregister(self):
+        if self._producer:
+            self._producer = False
+            self.transport.unregisterProducer()
 
     # Replies -------------------------------------------------------------------------
 
@@ -93,4 +181,8 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         if not self.closing:
             self.closing = True
             self.setTimeout(None)
+            # A producer still registered would hold the connection open once the buffer drains.
+            self._unregister()
+            self._events.clear()
             self.transport.loseConnection()
+            self._release_writers()

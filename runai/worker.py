@@ -85,13 +85,24 @@ class Worker:
         )
 
     def stop(self):
-        """Drop the queue, cancel the running job, and join the worker thread."""
+        """Drop the queue, cancel the running job (reported cancelled at once, while the
+        history store still runs), and join the worker thread."""
         self._stopping = True
         while self._queue:
             job = self._queue.popleft()
             self._fail(job, errors.RunaiError(errors.SHUTTING_DOWN, "the server is shutting down"))
-        if self.running is not None:
-            self.running.cancel_event.set()
+        running = self.running
+        if running is not None and running.state == "running":
+            running.cancel_event.set()
+            # Its outcome would reach the reactor (callFromThread) only after this call, once
+            # the services stopped after the worker (the history store) are gone: report it
+            # now, on the reactor thread, and send what the thread still reports nowhere.
+            self._fail(running, errors.JobCancelled("the server is shutting down"))
+
+            class Gone:
+                def __getattr__(self, name):
+                    return lambda *args, **kwargs: None
+            running.listener = Gone()
         # ThreadPool.stop joins the thread; the running job stops at its next step.
         self.pool.stop()
 

@@ -1,6 +1,7 @@
 """History over the socket and from the command line; and a server without --db, which
 must write nothing at all."""
 
+import argparse
 import base64
 import io
 import json
@@ -12,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from PIL import Image
+from twisted.application import service
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -215,6 +217,36 @@ class HistoryServerTests(ServerTestCase):
         self.assertEqual(len(reads), 1)
 
 
+class ShutdownTests(ServerTestCase):
+    def test_a_clean_stop_records_the_running_job_as_cancelled(self):
+        # The service tree of ``twistd runai --db``: the store starts first, stops last.
+        top = service.MultiService()
+        store.StoreService(self.store).setServiceParent(top)
+        tap.WorkerService(self.worker).setServiceParent(top)
+        proto, transport = self.connect()
+        proto.dataReceived(frame(txt2img_request("running one", "v1/tiny", request_id="r", steps=2)))
+        proto.dataReceived(frame(txt2img_request("queued one", "v1/tiny", request_id="q", steps=2)))
+        self.replies(transport)
+        self.successResultOf(top.stopService())
+        self.assertFalse(self.store.running)
+        # The worker thread's outcome reaches the reactor (callFromThread) only now, after
+        # the store has closed: it must not be the one that records the job, nor reply twice.
+        self.pool.run_one()
+        replies = self.replies(transport)
+        self.assertEqual(sorted((m["id"], m["error"]["code"]) for m in replies),
+                         [("q", errors.SHUTTING_DOWN), ("r", errors.CANCELLED)])
+        # The next start: nothing was left "queued", so nothing shows as interrupted.
+        reopened = store.Store(self.store.path, KEY, self.reactor, pool=SyncPool())
+        reopened.start()
+        self.addCleanup(reopened.stop)
+        items = self.successResultOf(reopened.history(10))
+        self.assertEqual([(i["prompt"], i["status"], (i["error"] or {}).get("code")) for i in items], [
+            ("queued one", "failed", errors.SHUTTING_DOWN),
+            ("running one", "cancelled", errors.CANCELLED),
+        ])
+        self.assertIn("shutting down", items[1]["error"]["message"])
+
+
 class WithoutStoreTests(ServerTestCase):
     with_store = False
 
@@ -286,6 +318,77 @@ class ExportFormatTests(SynchronousTestCase):
         self.assertEqual(json.loads(picture.text["runai"]), item)
         self.assertEqual(picture.tobytes(), Image.open(io.BytesIO(original)).tobytes())
         self.assertRaises(ValueError, history_cli.png_with_text, b"GIF89a", texts)
+
+
+class FakeServer:
+    """Stands in for a BlockingClient: answers the history actions with ``items`` and
+    ``images`` (the image messages of every history_get)."""
+
+    def __init__(self, items, images):
+        self.items, self.images, self.replies = items, images, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def send(self, obj):
+        rid = obj.get("id")
+        if obj["action"] == "history":
+            self.replies.append({"action": "history", "items": self.items, "next_before": None, "id": rid})
+        elif obj["action"] == "history_get":
+            item = {"request_id": obj["request_id"], "action": "txt2img", "model": "v1/tiny", "prompt": "p",
+                    "negative_prompt": "", "params": {}}
+            self.replies.append({"action": "history_get", "item": item, "id": rid})
+            self.replies.extend(dict(m, id=rid) for m in self.images)
+            self.replies.append({"action": "done", "images": len(self.images), "id": rid})
+
+    def receive(self):
+        return self.replies.pop(0)
+
+
+class ExportNamesTests(SynchronousTestCase):
+    """File names are made of the server's request ids and image indexes: only whole
+    numbers are used; anything else stops the export with a plain message."""
+
+    def setUp(self):
+        picture = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(picture, "PNG")
+        self.image = base64.b64encode(picture.getvalue()).decode("ascii")
+        self.root = os.path.realpath(self.mktemp())
+        self.out = os.path.join(self.root, "a", "b", "out")
+        self.stdout, self.stderr = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", self.stdout)
+        self.patch(sys, "stderr", self.stderr)
+
+    def export(self, items=(), indexes=(0,), request_ids=None):
+        server = FakeServer(list(items), [{"image": self.image, "seed": 1, "width": 4, "height": 4, "index": i}
+                                          for i in indexes])
+        self.patch(history_cli, "_connect", lambda args: server)
+        args = argparse.Namespace(directory=self.out, request_id=request_ids, limit=None, before=None, query=None)
+        return history_cli.export_command(args)
+
+    def written(self):
+        return sorted(os.path.relpath(os.path.join(d, f), self.root) for d, _, files in os.walk(self.root)
+                      for f in files)
+
+    def test_whole_numbers_make_the_names(self):
+        self.assertEqual(self.export([{"request_id": 3}], indexes=(0, 1)), 0)
+        self.assertEqual(self.written(), ["a/b/out/runai-3-0.png", "a/b/out/runai-3-1.png"])
+
+    def test_bad_indexes_are_refused(self):
+        for index in ("../../../escaped", "0/../../x", True, 1.0, -1, None, [0], "1"):
+            self.assertEqual(self.export(indexes=(index,), request_ids=[3]), 1, index)
+            self.assertIn("image index", self.stderr.getvalue())
+            self.assertIn(repr(index), self.stderr.getvalue())
+        self.assertEqual(self.written(), [])
+
+    def test_bad_request_ids_are_refused(self):
+        for request_id in ("../../escaped", True, 2.0, 0, None, "7"):
+            self.assertEqual(self.export([{"request_id": request_id}]), 1, request_id)
+            self.assertIn("request id", self.stderr.getvalue())
+        self.assertEqual(self.written(), [])
 
 
 # Real servers ------------------------------------------------------------------------------

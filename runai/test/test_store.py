@@ -6,7 +6,6 @@ swapped for a synchronous one (the reactor for one whose callFromThread runs at 
 so most tests run its thread's work in line; one test runs the real thread.
 """
 
-import atexit
 import hashlib
 import io
 import json
@@ -18,7 +17,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -514,18 +512,10 @@ class StoreThreadTests(TestCase):
 
 # A real server, killed mid-write ---------------------------------------------------------
 
-_models = None
-
-
 def tiny_models():
-    """One tiny model folder for the store's and the history's end-to-end tests."""
-    global _models
-    if _models is None:
-        from runai.test.tiny import build_tiny_pipeline
-        _models = os.path.realpath(tempfile.mkdtemp(prefix="runai-store-models-"))
-        atexit.register(shutil.rmtree, _models, True)
-        build_tiny_pipeline(os.path.join(_models, "v1", "tiny"))
-    return _models
+    """The tiny model folder shared by the end-to-end tests (read only)."""
+    from runai.test.test_e2e import tiny_model_dir
+    return tiny_model_dir()
 
 
 def start_twistd(testcase, *args, env=None, cwd=None, stderr=None):

@@ -36,6 +36,7 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         self._producer = False  # registered with the transport as its producer
         self._events = collections.deque()  # decoded, not yet handled: held while paused
         self._handling = False
+        self._parsing = None  # a large request being parsed off the reactor: hold the rest
         self._writable = []  # Deferreds of when_writable(), fired at resumeProducing
 
     # Twisted events ------------------------------------------------------------------
@@ -82,16 +83,25 @@ class RunaiProtocol(Protocol, TimeoutMixin):
             return
         self._handling = True
         try:
-            while self._events and not self.paused and not self.closing:
+            while self._events and not self.paused and not self.closing and self._parsing is None:
                 event = self._events.popleft()
                 if isinstance(event, framing.Message):
-                    self.factory.message_received(self, event.payload)
+                    parsing = self.factory.message_received(self, event.payload)
+                    if isinstance(parsing, defer.Deferred) and not parsing.called:
+                        # Requests are answered in order: the next waits for this one.
+                        self._parsing = parsing
+                        parsing.addBoth(self._parsed)
                 elif event is framing.CANCEL:
                     self.factory.cancel_running(self)
                 elif event is framing.QUIT:
                     self.factory.quit_requested(self)
         finally:
             self._handling = False
+
+    def _parsed(self, result):
+        self._parsing = None
+        self._handle_events()
+        return result
 
     def timeoutConnection(self):
         self.log.info("Dropping {peer}: half a message, then {timeout}s of silence",

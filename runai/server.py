@@ -64,6 +64,8 @@ class RunaiFactory(ServerFactory):
     max_connections = 64
     max_queued_input_bytes_per_client = 128 * 1024 * 1024
     max_queued_input_bytes = 512 * 1024 * 1024
+    # Requests larger than this are parsed in the reactor's thread pool, not on the reactor.
+    parse_in_thread_bytes = 256 * 1024
 
     def __init__(self, worker, model_dir, clock, stop=None, packet_size=framing.DEFAULT_PACKET_SIZE,
                  max_message_size=framing.DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=60.0,
@@ -119,25 +121,55 @@ class RunaiFactory(ServerFactory):
     # Requests ------------------------------------------------------------------------
 
     def message_received(self, proto, payload):
+        """Handle one request. Returns a Deferred when it is parsed off the reactor thread:
+        the protocol holds the connection's next requests until it fires, to keep order."""
+        if len(payload) > self.parse_in_thread_bytes and self._pool() is not None:
+            # JSON, base64 and image headers of a large request (an img2img canvas) take
+            # tenths of a second: long enough to stall every other client's replies.
+            d = threads.deferToThreadPool(self.clock, self._pool(), self._parse, payload)
+            d.addCallback(lambda parsed: self._dispatch(proto, *parsed))
+            d.addErrback(self._handling_failed, proto)
+            return d
         try:
-            self._handle(proto, payload)
+            self._dispatch(proto, *self._parse(payload))
         except Exception:
-            # A bug must cost one request, not the connection and the client's other jobs.
-            self.log.failure("A request could not be handled")
-            proto.send_error(errors.RunaiError(errors.INTERNAL, "the server failed to handle this request"))
+            self._handling_failed(None, proto)
+        return None
 
-    def _handle(self, proto, payload):
+    def _handling_failed(self, failure, proto):
+        # A bug must cost one request, not the connection and the client's other jobs.
+        self.log.failure("A request could not be handled", failure)
+        proto.send_error(errors.RunaiError(errors.INTERNAL, "the server failed to handle this request"))
+
+    def _pool(self):
+        get_pool = getattr(self.clock, "getThreadPool", None)
+        return None if get_pool is None else get_pool()
+
+    def _parse(self, payload):
+        """``(obj, request, error)`` of a message; touches no connection state, so that it
+        may run in a thread."""
         obj = None
         try:
             obj = decode_message(payload)
-            self._authenticate(proto, obj)
-            request = parse_request(obj, self.model_dir, self.limits)
+            return obj, parse_request(obj, self.model_dir, self.limits), None
         except errors.RunaiError as e:
+            return obj, None, e
+
+    def _dispatch(self, proto, obj, request, error):
+        if obj is not None:
+            try:
+                # Before the request's own errors: a stranger learns nothing of the server.
+                self._authenticate(proto, obj)
+            except errors.RunaiError as e:
+                error = e
+        if error is not None:
             rt, rid = (reqtype(obj), request_id(obj)) if obj is not None else (None, None)
-            self.log.info("Refused a request: {code}: {message}", code=e.code, message=e.message)
-            proto.send_error(e, rt, rid)
-            if e.code == errors.UNAUTHORIZED:
+            self.log.info("Refused a request: {code}: {message}", code=error.code, message=error.message)
+            proto.send_error(error, rt, rid)
+            if error.code == errors.UNAUTHORIZED:
                 proto.close()
+            return
+        if proto.closing:
             return
         if isinstance(request, Ping):
             proto.send_message({
@@ -169,11 +201,11 @@ class RunaiFactory(ServerFactory):
             proto.send_error(errors.RunaiError(errors.INTERNAL, "the model folder could not be listed"),
                              "models", request.id)
 
-        get_pool = getattr(self.clock, "getThreadPool", None)
-        if get_pool is None:
+        pool = self._pool()
+        if pool is None:
             d = defer.maybeDeferred(self.library.scan)  # a test clock: no threads
         else:
-            d = threads.deferToThreadPool(self.clock, get_pool(), self.library.scan)
+            d = threads.deferToThreadPool(self.clock, pool, self.library.scan)
         d.addCallbacks(send, failed)
 
     def _submit(self, proto, request):

@@ -183,6 +183,43 @@ class EndToEndTests(LiveServer, TestCase):
         self.assertEqual(answers[-1][-1]["action"], "done")
 
     @inlineCallbacks
+    def test_large_requests_are_parsed_off_the_reactor_in_order(self):
+        import threading
+        import numpy as np
+        threads_used = []
+        parse = self.factory._parse
+
+        def recording(payload):
+            threads_used.append(threading.current_thread())
+            return parse(payload)
+        self.factory._parse = recording
+        canvas = Image.fromarray(np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        canvas.save(buf, format="PNG")
+        big = legacy_request(self.models, txt2img_steps=2)
+        big["action"] = "img2img"
+        big["options"] = {k.replace("txt2img_", "img2img_"): v for k, v in big["options"].items()}
+        big["options"].update(pixels=base64.b64encode(buf.getvalue()).decode(), img2img_strength=0.1)
+        self.assertGreater(len(json.dumps(big)), self.factory.parse_in_thread_bytes)
+
+        def run():
+            client = LegacyClient(self.port.getHost().port)
+            try:
+                # Three requests at once: the large one must not be overtaken by the others.
+                client.send(big)
+                client.send({"action": "ping", "id": "after"})
+                client.send({"action": "fly", "id": "last"})
+                return [client.receive() for _ in range(3)]
+            finally:
+                client.close()
+        first, second, third = yield self.in_thread(run)
+        self.assertEqual((first["error"]["code"], first["reqtype"]), (errors.OUT_OF_RANGE, "img2img"))
+        self.assertEqual((second["action"], second["id"]), ("pong", "after"))
+        self.assertEqual((third["error"]["code"], third["id"]), (errors.UNKNOWN_ACTION, "last"))
+        self.assertIsNot(threads_used[0], threading.main_thread())
+        self.assertIs(threads_used[1], threading.main_thread())
+
+    @inlineCallbacks
     def test_cancel_packet_stops_the_job(self):
         def run():
             client = LegacyClient(self.port.getHost().port)

@@ -27,7 +27,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from runai import checkpoint, library  # noqa: E402
-from runai.test.library_fixtures import real_layout, write_header_only  # noqa: E402
+from runai.test.library_fixtures import counting_reads, real_layout, write_header_only  # noqa: E402
 
 SIZES = (("1 MB", 2**20), ("4 GB", 4 * 2**30), ("64 GB", 64 * 2**30))
 
@@ -39,25 +39,6 @@ def median_seconds(f, runs):
         f()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
-
-
-class CountingOpen:
-    """Counts the bytes runai.checkpoint reads, by shadowing ``open`` in that module alone."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, *args, **kwargs):
-        f = open(*args, **kwargs)
-        read = f.read
-
-        def counted(*a):
-            data = read(*a)
-            self.count += len(data)
-            return data
-
-        f.read = counted
-        return f
 
 
 def read_all(path):
@@ -87,13 +68,12 @@ def main():
             t_header = median_seconds(lambda: checkpoint.read_safetensors_header(path), args.runs)
             # A new library each time: no cached classification.
             t_classify = median_seconds(lambda: library.ModelLibrary(work).describe(path), args.runs)
-            counter = checkpoint.open = CountingOpen()
-            entry = library.ModelLibrary(work).describe(path)
-            del checkpoint.open
+            with counting_reads() as counter:
+                entry = library.ModelLibrary(work).describe(path)
             assert entry.version == "v1", entry
             on_disk = os.stat(path).st_blocks * 512
             line = (f"{label:>6} {on_disk / 2**20:>8.2f}MB {header / 1024:>8.1f}KB {t_header * 1e3:>10.2f}ms "
-                    f"{t_classify * 1e3:>8.2f}ms {counter.count:>11,}")
+                    f"{t_classify * 1e3:>8.2f}ms {counter.bytes:>11,}")
             if args.full:
                 line += f" {median_seconds(lambda: read_all(path), 1):>9.2f}s" if size <= 4 * 2**30 else f" {'-':>10}"
             print(line, flush=True)

@@ -41,6 +41,20 @@ class RunaiError(Exception):
         return f"RunaiError({self.code!r}, {self.message!r})"
 
 
+def check_integer(value, label, low, high):
+    """``value`` as an int within ``low..high``; ``label`` names it in the error.
+
+    JSON has one number type: 20.0 is taken for 20, but true is not taken for 1.
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RunaiError(BAD_REQUEST, f"{label} must be an integer")
+    if not low <= value <= high:
+        raise RunaiError(OUT_OF_RANGE, f"{label} must be between {low} and {high}, not {value}")
+    return value
+
+
 class JobCancelled(RunaiError):
     """Raised inside the worker when a job is cancelled; stops the pipeline at a step."""
 

@@ -92,13 +92,7 @@ def _integer(obj, name, low, high, default=None, required=False):
         if required:
             raise errors.RunaiError(errors.BAD_REQUEST, f"missing {name!r}")
         return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise errors.RunaiError(errors.BAD_REQUEST, f"{name!r} must be an integer")
-    if not low <= value <= high:
-        raise errors.RunaiError(errors.OUT_OF_RANGE, f"{name!r} must be between {low} and {high}")
-    return value
+    return errors.check_integer(value, repr(name), low, high)
 
 
 def parse_history(action, obj, rid=None):

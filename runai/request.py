@@ -174,13 +174,7 @@ class _Options:
         key, value = self._raw(name)
         if value is None:
             return default
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise errors.RunaiError(errors.BAD_REQUEST, f"option {key!r} must be an integer")
-        if not low <= value <= high:
-            raise errors.RunaiError(errors.OUT_OF_RANGE, f"option {key!r} must be between {low} and {high}, not {value}")
-        return value
+        return errors.check_integer(value, f"option {key!r}", low, high)
 
     def number(self, name, default, low, high):
         key, value = self._raw(name)

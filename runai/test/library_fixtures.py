@@ -7,6 +7,7 @@ convert tests check against diffusers' own single-file loader.
 """
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runai import convert
+from runai import checkpoint, convert
 from runai.test.tiny import build_tiny_pipeline
 
 V2_WIDTH = 64  # the tiny v2 model's text width, where SD 2 has 1024 (v1's tiny one has 32)
@@ -335,3 +336,30 @@ EXPECTED = {
     "v2/vpred.safetensors": ("v2", "safetensors", False, "v_prediction", True),
     "sdxl/base.safetensors": ("sdxl", "safetensors", False, None, False),
 }
+
+
+@contextlib.contextmanager
+def counting_reads():
+    """Count the bytes runai.checkpoint reads, by shadowing ``open`` in that module alone.
+
+    Yields an object whose ``bytes`` grows with every read.
+    """
+    counter = types.SimpleNamespace(bytes=0)
+
+    def counting_open(*args, **kwargs):
+        f = open(*args, **kwargs)
+        read = f.read
+
+        def counted(*a):
+            data = read(*a)
+            counter.bytes += len(data)
+            return data
+
+        f.read = counted
+        return f
+
+    checkpoint.open = counting_open
+    try:
+        yield counter
+    finally:
+        del checkpoint.open

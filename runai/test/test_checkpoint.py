@@ -1,6 +1,5 @@
 """runai.checkpoint: header-only reads, the static pickle walk, the restricted unpickler."""
 
-import builtins
 import io
 import json
 import os
@@ -14,7 +13,7 @@ import torch
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai import checkpoint
-from runai.test.library_fixtures import write_header_only, write_lightning_ckpt
+from runai.test.library_fixtures import counting_reads, write_header_only, write_lightning_ckpt
 
 
 class Marker:
@@ -33,30 +32,6 @@ class SystemCall:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
-
-
-class CountingOpen:
-    """Wraps ``open`` in runai.checkpoint to count the bytes read from each file."""
-
-    def __init__(self, test):
-        self.read = 0
-        real_open = builtins.open
-
-        def counting_open(*args, **kwargs):
-            f = real_open(*args, **kwargs)
-            original = f.read
-
-            def read(*a):
-                data = original(*a)
-                self.read += len(data)
-                return data
-
-            f.read = read
-            return f
-
-        # A module-level name shadows the builtin for runai.checkpoint alone.
-        checkpoint.open = counting_open
-        test.addCleanup(delattr, checkpoint, "open")
 
 
 class SafetensorsHeaderTests(SynchronousTestCase):
@@ -85,11 +60,11 @@ class SafetensorsHeaderTests(SynchronousTestCase):
         # 4 GiB on paper (sparse on disk): the read must stop at the end of the header.
         path = write_header_only(self.dir / "big.safetensors", {"w": (32768, 32768)}, dtype="F32")
         self.assertGreaterEqual(path.stat().st_size, 4 * 2**30)
-        counter = CountingOpen(self)
-        checkpoint.read_safetensors_header(path)
+        with counting_reads() as counter:
+            checkpoint.read_safetensors_header(path)
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-        self.assertEqual(counter.read, 8 + length)
+        self.assertEqual(counter.bytes, 8 + length)
 
     def assertRefused(self, data, words):
         path = self.dir / "bad.safetensors"

@@ -3,7 +3,7 @@
 Goal: framing throughput at least half of a plain loopback socket.
 
 One 32 MiB message (a JSON object with one long base64 string, like an image in an
-img2img request), framed with ``runai.framing.encode`` at packet size 1024, is sent over
+img2img request), framed with ``runai.doors.legacy.framing.encode`` at packet size 1024, is sent over
 127.0.0.1 by this process to a server running in a subprocess:
 
 * ``runai``: the real ``RunaiProtocol`` + ``Decoder`` behind a ``RunaiFactory`` on the
@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from runai import framing  # noqa: E402
+from runai.doors.legacy import framing
 
 PACKET = framing.DEFAULT_PACKET_SIZE
 MODES = ("plain", "runai", "runai+json")
@@ -84,9 +84,9 @@ def serve_plain(expected):
 def serve_runai(parse_json):
     from twisted.internet import reactor
 
-    from runai.protocol import RunaiProtocol
-    from runai.server import RunaiFactory
-    from runai.worker import Worker
+    from runai.doors.legacy.protocol import RunaiProtocol
+    from runai.doors.legacy.factory import RunaiFactory
+    from runai.core.queue import Worker
 
     class TimedProtocol(RunaiProtocol):
         first = None

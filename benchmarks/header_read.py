@@ -4,7 +4,7 @@ Writes .safetensors files with the key names of Stable Diffusion 1.5 (1,131 tens
 same header for every file up to the digits of its shapes and offsets) in a temporary
 folder: one of about 1 MB, and sparse ones of 4 GB and 64 GB (sparse: they take a few
 hundred KB on disk whatever their size). For each, the median of ``--runs`` calls of
-``runai.checkpoint.read_safetensors_header`` and of ``runai.library.ModelLibrary.describe``
+``runai.models.checkpoint.read_safetensors_header`` and of ``runai.models.library.ModelLibrary.describe``
 (the whole classification, as the ``models`` action does it, on a cold cache each time),
 and the bytes read. ``--full`` adds, for contrast, the time to read the whole file
 (sparse, so this is memory bandwidth, not disk).
@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from runai import checkpoint, library  # noqa: E402
+from runai.models import checkpoint
+from runai.models import library
 from runai.test.library_fixtures import counting_reads, real_layout, write_header_only  # noqa: E402
 
 SIZES = (("1 MB", 2**20), ("4 GB", 4 * 2**30), ("64 GB", 64 * 2**30))

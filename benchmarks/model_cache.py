@@ -35,7 +35,7 @@ NAMES = ("v1/a", "v1/b.safetensors", "v1/c.ckpt")
 def build(models, sd15, device):
     import torch
 
-    from runai import convert
+    from runai.models import convert
     from runai.test.library_fixtures import write_lightning_ckpt
     from runai.test.tiny import SMALL_SIZES, build_sd15_pipeline, build_tiny_pipeline
 
@@ -59,7 +59,7 @@ def main():
     parser.add_argument("--sd15", action="store_true", help="SD 1.5-sized weights instead of a small model")
     args = parser.parse_args()
 
-    from runai.engine import Engine
+    from runai.engine.engine import Engine
 
     models = Path(tempfile.mkdtemp(prefix="runai-cache-bench-"))
     try:

@@ -7,7 +7,7 @@ temporary folder, starts the real server (``twistd --nodaemon --pidfile= --logfi
 --port 0 --model-dir TMP --device cpu``, cwd a temporary folder) and sends it one warm-up
 request (it loads the model); loads the same folder in this process with
 ``StableDiffusionPipeline.from_pretrained``, with the scheduler set as the engine sets it
-(``runai.schedulers.make_scheduler``), and warms it up once. Then, ``--runs`` times: one
+(``runai.engine.schedulers.make_scheduler``), and warms it up once. Then, ``--runs`` times: one
 txt2img request through the server with ``runai.client.BlockingClient`` (request sent ->
 image received), and one in-process call with the same prompt, negative prompt, steps,
 size, guidance scale and seed.
@@ -116,8 +116,8 @@ def main():
     from diffusers.utils import logging as diffusers_logging
 
     from runai.client import BlockingClient
-    from runai.engine import encode_png
-    from runai.schedulers import make_scheduler
+    from runai.engine.engine import encode_png
+    from runai.engine.schedulers import make_scheduler
     from runai.test.tiny import SMALL_SIZES, build_tiny_pipeline
 
     diffusers_logging.set_verbosity_error()  # the accelerate notice, once per load

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from twisted.internet import reactor, task  # noqa: E402
 from twisted.internet.defer import inlineCallbacks  # noqa: E402
 
-from runai import store  # noqa: E402
+from runai.history import store
 
 
 def main():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 
-from runai import framing
+from runai.doors.legacy import framing
 
 
 class ServerError(Exception):

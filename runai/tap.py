@@ -13,9 +13,9 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
-from runai import framing
-from runai.server import RunaiFactory
-from runai.worker import Worker
+from runai.doors.legacy import framing
+from runai.doors.legacy.factory import RunaiFactory
+from runai.core.queue import Worker
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -124,7 +124,7 @@ class Options(usage.Options):
                 raise usage.UsageError("--token-file: the token must be at least 16 characters")
         self["db-key"] = None
         if self["db"] is not None or self["db-key-file"] is not None:
-            from runai.store import check_options  # only with --db: without it no store code runs
+            from runai.history.store import check_options  # only with --db: without it no store code runs
             check_options(self)
         if self["listen"] is None:
             host = endpoints.quoteStringArgument(self["host"])
@@ -216,7 +216,7 @@ def makeService(config, reactor=None):
 
     store = None
     if config.get("db") is not None:
-        from runai import store as history_store
+        from runai.history import store as history_store
         store = history_store.from_config(config, reactor)  # a wrong key stops here, with a message
     # diffusers imports torch._dynamo, which creates $TMPDIR/torchinductor_$USER at import
     # time; runai compiles nothing. A folder that exists keeps "writes nothing" true.

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runai import checkpoint, convert
+from runai.models import checkpoint
+from runai.models import convert
 from runai.test.tiny import build_tiny_pipeline
 
 V2_WIDTH = 64  # the tiny v2 model's text width, where SD 2 has 1024 (v1's tiny one has 32)
@@ -170,7 +171,7 @@ def real_layout(version, inpainting=False):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from runai import sdconfigs
+    from runai.models import sdconfigs
 
     configs = sdconfigs.SD15 if version == "v1" else sdconfigs.SD21
     unet_config = dict(configs["unet"], in_channels=9 if inpainting else 4)
@@ -340,7 +341,7 @@ EXPECTED = {
 
 @contextlib.contextmanager
 def counting_reads():
-    """Count the bytes runai.checkpoint reads, by shadowing ``open`` in that module alone.
+    """Count the bytes runai.models.checkpoint reads, by shadowing ``open`` in that module alone.
 
     Yields an object whose ``bytes`` grows with every read.
     """

@@ -14,9 +14,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai import errors, framing
-from runai.server import RunaiFactory
-from runai.worker import Worker
+from runai.core import errors
+from runai.doors.legacy import framing
+from runai.doors.legacy.factory import RunaiFactory
+from runai.core.queue import Worker
 
 
 def _call(on_result, f, args, kwargs):

@@ -14,12 +14,14 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from runai import errors, framing, store
-from runai.server import RunaiFactory
+from runai.core import errors
+from runai.doors.legacy import framing
+from runai.history import store
+from runai.doors.legacy.factory import RunaiFactory
 from runai.test.support import FakeImage, decode_all, frame
 from runai.test.test_history import ServerTestCase
 from runai.test.test_store import KEY, request
-from runai.worker import Worker
+from runai.core.queue import Worker
 
 
 class SlowReader(StringTransport):

@@ -1,4 +1,4 @@
-"""runai.checkpoint: header-only reads, the static pickle walk, the restricted unpickler."""
+"""runai.models.checkpoint: header-only reads, the static pickle walk, the restricted unpickler."""
 
 import io
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai import checkpoint
+from runai.models import checkpoint
 from runai.test.library_fixtures import counting_reads, write_header_only, write_lightning_ckpt
 
 

@@ -1,4 +1,4 @@
-"""runai.convert: diffusers <-> single file, checked against diffusers' own loader; the
+"""runai.models.convert: diffusers <-> single file, checked against diffusers' own loader; the
 ``convert`` action over a socket; the ``runai convert`` command."""
 
 import os
@@ -12,13 +12,17 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from runai import checkpoint, cli, convert, errors, library
+from runai.models import checkpoint
+from runai.cli import main as cli
+from runai.models import convert
+from runai.core import errors
+from runai.models import library
 from runai.client import BlockingClient
-from runai.engine import Engine
-from runai.request import ConvertRequest, parse_request
-from runai.server import RunaiFactory
+from runai.engine.engine import Engine
+from runai.core.requests import ConvertRequest, parse_request
+from runai.doors.legacy.factory import RunaiFactory
 from runai.test import library_fixtures as fx
-from runai.worker import Worker
+from runai.core.queue import Worker
 
 
 def assertSameWeights(test, loaded, reference, components=("unet", "vae", "text_encoder")):
@@ -406,7 +410,7 @@ class ConvertActionTests(TestCase):
 
 class EngineConvertTests(SynchronousTestCase):
     def test_engine_without_model_folder(self):
-        from runai.request import ConvertRequest
+        from runai.core.requests import ConvertRequest
 
         with self.assertRaises(errors.RunaiError):
             Engine(device="cpu").convert(ConvertRequest("a.ckpt", "a.ckpt", "a", "a"), None, lambda: False)

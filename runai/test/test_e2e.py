@@ -22,9 +22,9 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from runai import errors
-from runai.server import RunaiFactory
-from runai.worker import Worker
+from runai.core import errors
+from runai.doors.legacy.factory import RunaiFactory
+from runai.core.queue import Worker
 
 P = 1024
 _models = None
@@ -277,7 +277,7 @@ class TwistdTests(SynchronousTestCase):
         output = os.path.join(self.mktemp() + "-out", "lighthouse.png")
         os.makedirs(os.path.dirname(output))
         cli = subprocess.run(
-            [sys.executable, "-m", "runai.cli", "generate", "a lighthouse", "-m", "v1/tiny", "-o", output,
+            [sys.executable, "-m", "runai.cli.main", "generate", "a lighthouse", "-m", "v1/tiny", "-o", output,
              "--port", str(port), "--steps", "2", "--width", "64", "--height", "96", "--seed", "3"],
             capture_output=True, text=True, timeout=120,
         )
@@ -286,7 +286,7 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual(Image.open(output).size, (64, 96))
 
         refused = subprocess.run(
-            [sys.executable, "-m", "runai.cli", "generate", "x", "-m", "../../etc", "--port", str(port)],
+            [sys.executable, "-m", "runai.cli.main", "generate", "x", "-m", "../../etc", "--port", str(port)],
             capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(refused.returncode, 1)

@@ -1,4 +1,4 @@
-"""Tests for runai.engine, on a tiny random-weight pipeline built once per test run.
+"""Tests for runai.engine.engine, on a tiny random-weight pipeline built once per test run.
 
 The images are noise; what is tested is the plumbing: sizes, seeds, determinism,
 progress, cancellation, scheduler switching and model (re)loading.
@@ -20,10 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import torch
 
-from runai import errors
-from runai.engine import Engine, GeneratedImage, encode_png
-from runai.request import GenerationRequest
-from runai.schedulers import SCHEDULERS
+from runai.core import errors
+from runai.engine.engine import Engine, GeneratedImage, encode_png
+from runai.core.requests import GenerationRequest
+from runai.engine.schedulers import SCHEDULERS
 from runai.test.tiny import build_tiny_pipeline
 
 _models = {}

@@ -1,12 +1,12 @@
-"""Tests for runai.framing: the legacy packet framing, encoder and sans-IO decoder."""
+"""Tests for runai.doors.legacy.framing: the legacy packet framing, encoder and sans-IO decoder."""
 
 import time
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai import framing
-from runai.framing import CANCEL, QUIT, Decoder, Message, MessageTooLarge, encode
+from runai.doors.legacy import framing
+from runai.doors.legacy.framing import CANCEL, QUIT, Decoder, Message, MessageTooLarge, encode
 
 SMALL_PACKET_SIZES = (16, 32)
 PACKET_SIZES = SMALL_PACKET_SIZES + (framing.DEFAULT_PACKET_SIZE,)

@@ -17,9 +17,13 @@ from twisted.application import service
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai import errors, history, history_cli, store, tap
+from runai import tap
+from runai.core import errors
+from runai.doors.legacy import history
+from runai.cli import history as history_cli
+from runai.history import store
 from runai.client import BlockingClient, txt2img_request
-from runai.request import parse_request
+from runai.core.requests import parse_request
 from runai.test.support import FactoryTestCase, FakeImage, ScriptedEngine, SyncPool, frame
 from runai.test.test_store import KEY, PROMPT_MARKER, files_state, start_twistd, tiny_models, tiny_request
 
@@ -294,7 +298,7 @@ class ServiceTests(SynchronousTestCase):
                 "from twisted.internet.testing import MemoryReactorClock\n"
                 "o = runai.tap.Options(); o.parseOptions(['--port', '0'])\n"
                 "s = runai.tap.makeService(o, reactor=MemoryReactorClock())\n"
-                "print(list(s)[1].factory.store, 'runai.store' in sys.modules, 'sqlcipher3' in sys.modules)")
+                "print(list(s)[1].factory.store, 'runai.history.store' in sys.modules, 'sqlcipher3' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env=dict(os.environ, RUNAI_DB_KEY="ignored without --db"))
         self.assertEqual(out.stdout.split(), ["None", "False", "False"])
@@ -394,7 +398,7 @@ class ExportNamesTests(SynchronousTestCase):
 # Real servers ------------------------------------------------------------------------------
 
 def cli(port, *args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "runai.cli", *args, "--port", str(port)],
+    return subprocess.run([sys.executable, "-m", "runai.cli.main", *args, "--port", str(port)],
                           capture_output=True, text=True, timeout=120, cwd=cwd)
 
 

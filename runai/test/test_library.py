@@ -1,4 +1,4 @@
-"""runai.library and runai.paths: discovery, classification by content, best format,
+"""runai.models.library and runai.models.paths: discovery, classification by content, best format,
 and the ``models`` action."""
 
 import json
@@ -12,12 +12,14 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai import checkpoint, errors, library
-from runai.paths import resolve_model
-from runai.server import RunaiFactory
+from runai.models import checkpoint
+from runai.core import errors
+from runai.models import library
+from runai.models.paths import resolve_model
+from runai.doors.legacy.factory import RunaiFactory
 from runai.test import library_fixtures as fx
 from runai.test.support import ManualPool, ScriptedEngine, SyncReactor, decode_all, frame
-from runai.worker import Worker
+from runai.core.queue import Worker
 
 
 def capture_warnings(test):

@@ -1,4 +1,4 @@
-"""runai.loader through the Engine: every format loads offline, generates, and is cached."""
+"""runai.models.loader through the Engine: every format loads offline, generates, and is cached."""
 
 import gc
 import io
@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai import errors, library, loader, modes
-from runai.engine import Engine
-from runai.request import GenerationRequest
+from runai.core import errors
+from runai.models import library
+from runai.models import loader
+from runai.engine import modes
+from runai.engine.engine import Engine
+from runai.core.requests import GenerationRequest
 from runai.test import library_fixtures as fx
 from runai.test.test_checkpoint import Marker
 from runai.test.tiny import write_tokenizer
@@ -339,7 +342,7 @@ class BaseConfigTests(SynchronousTestCase):
     def test_shipped_configs_build_sd_sized_models(self):
         from diffusers import UNet2DConditionModel
 
-        from runai import sdconfigs
+        from runai.models import sdconfigs
 
         for configs, width in ((sdconfigs.SD15, 768), (sdconfigs.SD21_BASE, 1024), (sdconfigs.SD21, 1024)):
             with torch.device("meta"):

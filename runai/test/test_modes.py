@@ -16,10 +16,12 @@ from PIL import Image
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from runai import errors, images, prompts
-from runai.engine import Engine
-from runai.request import Limits, parse_request
-from runai.schedulers import SCHEDULERS
+from runai.core import errors
+from runai.engine import images
+from runai.engine import prompts
+from runai.engine.engine import Engine
+from runai.core.requests import Limits, parse_request
+from runai.engine.schedulers import SCHEDULERS
 from runai.test.test_e2e import LiveServer
 
 _root = None

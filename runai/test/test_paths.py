@@ -1,12 +1,12 @@
-"""Tests for runai.paths: a client's model names never lead outside the model folder."""
+"""Tests for runai.models.paths: a client's model names never lead outside the model folder."""
 
 import os
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai import errors
-from runai.paths import MAX_NAME_LENGTH, resolve_model, safety_checker_path
+from runai.core import errors
+from runai.models.paths import MAX_NAME_LENGTH, resolve_model, safety_checker_path
 
 
 class ResolveModelTests(SynchronousTestCase):

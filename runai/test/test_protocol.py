@@ -1,8 +1,9 @@
 """The server protocol and queue, driven through StringTransport and a Clock."""
 
-from runai import errors, framing
+from runai.core import errors
+from runai.doors.legacy import framing
 from runai.client import txt2img_request
-from runai.server import AutoShutdown
+from runai.doors.legacy.factory import AutoShutdown
 from runai.test.support import FactoryTestCase, frame
 
 P = 1024

@@ -1,4 +1,4 @@
-"""Tests for runai.request: decoding and validating client requests."""
+"""Tests for runai.core.requests: decoding and validating client requests."""
 
 import json
 import os
@@ -6,8 +6,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai import errors
-from runai.request import (
+from runai.core import errors
+from runai.core.requests import (
     MAX_ID_LENGTH,
     MAX_SEED,
     Cancel,
@@ -17,7 +17,7 @@ from runai.request import (
     decode_message,
     parse_request,
 )
-from runai.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from runai.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 
 class DecodeMessageTests(SynchronousTestCase):

@@ -27,10 +27,12 @@ from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from runai import errors, store, tap
+from runai import tap
+from runai.core import errors
+from runai.history import store
 from runai.client import BlockingClient
-from runai.images import EncodedImage
-from runai.request import GenerationRequest
+from runai.engine.images import EncodedImage
+from runai.core.requests import GenerationRequest
 from runai.test.support import FakeImage, ManualPool, SyncPool, SyncReactor
 
 KEY = store.Key("correct horse battery staple")

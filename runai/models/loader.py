@@ -40,8 +40,11 @@ from diffusers.loaders import single_file_utils  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
-from runai import checkpoint, errors, library, sdconfigs  # noqa: E402
-from runai.paths import contained  # noqa: E402
+from runai.models import checkpoint
+from runai.core import errors
+from runai.models import library
+from runai.models import sdconfigs
+from runai.models.paths import contained  # noqa: E402
 
 try:
     from transformers.initialization import no_init_weights  # noqa: E402
@@ -265,7 +268,7 @@ def looks_v_prediction(unet):
 def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, on_step=None):
     """A StableDiffusionPipeline from a ``.safetensors``/``.ckpt`` file; raises LoadError.
 
-    ``entry`` is the file's :class:`runai.library.ModelEntry`; ``dtype`` None keeps the
+    ``entry`` is the file's :class:`runai.models.library.ModelEntry`; ``dtype`` None keeps the
     checkpoint's own precision (for conversion). ``on_step(what)`` follows each stage.
     """
     step = on_step or (lambda what: None)

@@ -1,6 +1,6 @@
 """Shared server state: dispatches requests, tracks clients, shuts down when told to.
 
-One factory serves every connection; it holds the one :class:`runai.worker.Worker`, so
+One factory serves every connection; it holds the one :class:`runai.core.queue.Worker`, so
 all clients share one queue.
 """
 
@@ -13,14 +13,16 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 import runai
-from runai import errors, framing, history
-from runai.protocol import RunaiProtocol
-from runai.library import ModelLibrary
-from runai.request import (
+from runai.core import errors
+from runai.doors.legacy import framing
+from runai.doors.legacy import history
+from runai.doors.legacy.protocol import RunaiProtocol
+from runai.models.library import ModelLibrary
+from runai.core.requests import (
     Cancel, ConvertRequest, GenerationRequest, Limits, ListModels, Ping, decode_message, parse_request, reqtype,
     request_id,
 )
-from runai.worker import Job
+from runai.core.queue import Job
 
 
 class AutoShutdown:
@@ -72,7 +74,7 @@ class RunaiFactory(ServerFactory):
                  auto_shutdown=False, timeout=60.0, limits=Limits(), refuse_unchecked=False, token=None,
                  log_prompts=False, store=None):
         self.worker = worker
-        # The history (runai.store.Store) with --db; None: nothing is written anywhere.
+        # The history (runai.history.store.Store) with --db; None: nothing is written anywhere.
         self.store = store
         # A shared secret for servers listening beyond loopback; None: no token needed.
         self.token = token.encode("utf-8") if isinstance(token, str) else token
@@ -357,7 +359,7 @@ class RunaiFactory(ServerFactory):
         if self.store is not None:
             self.store.finish(getattr(job, "stored", None), "done", seconds=seconds)
         if isinstance(job.request, ConvertRequest):
-            result = count  # a runai.convert.ConvertResult
+            result = count  # a runai.models.convert.ConvertResult
             self.log.info("Job {serial} done: {source} converted into {path} in {seconds:.2f}s",
                           serial=job.serial, source=result.source, path=result.path, seconds=seconds)
             self._reply(job, {"action": "done", "path": result.path, "source": result.source,

@@ -8,7 +8,7 @@ AUTOMATIC1111's webui made familiar. Prompts that fit are left to diffusers, unc
 
 import torch
 
-from runai import errors
+from runai.core import errors
 
 MAX_CHUNKS = 8
 

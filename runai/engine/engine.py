@@ -1,4 +1,4 @@
-"""The torch side: turns a request into PNG images, on the models runai.loader loads.
+"""The torch side: turns a request into PNG images, on the models runai.models.loader loads.
 
 Only the server's single worker thread imports and calls this module. Nothing in it is
 thread-safe, and nothing needs to be: one job runs at a time, and the loaded pipelines
@@ -27,11 +27,13 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
-from runai import errors, modes, prompts  # noqa: E402
-from runai.loader import DTYPE_KEYWORD, MAX_CAUSE_CHARS, ModelLoader  # noqa: E402,F401
-from runai.request import GENERATION_ACTIONS  # noqa: E402
-from runai.safety import SafetyChecker  # noqa: E402
-from runai.schedulers import make_scheduler  # noqa: E402
+from runai.core import errors
+from runai.engine import modes
+from runai.engine import prompts
+from runai.models.loader import DTYPE_KEYWORD, MAX_CAUSE_CHARS, ModelLoader  # noqa: E402,F401
+from runai.core.requests import GENERATION_ACTIONS  # noqa: E402
+from runai.engine.safety import SafetyChecker  # noqa: E402
+from runai.engine.schedulers import make_scheduler  # noqa: E402
 
 log = Logger()
 
@@ -148,7 +150,7 @@ def encode_png(image):
 
 
 class Engine:
-    """Runs requests on the pipelines its :class:`runai.loader.ModelLoader` keeps loaded
+    """Runs requests on the pipelines its :class:`runai.models.loader.ModelLoader` keeps loaded
     (one by default; ``cache_models``/``cache_bytes`` keep more).
 
     ``load_count`` counts loads from disk, so that callers (and tests) can tell that a
@@ -158,7 +160,7 @@ class Engine:
     def __init__(self, device="auto", dtype="auto", model_dir=None, cache_models=1, cache_bytes=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        # Loading, single files and the cache of loaded models live in runai.loader.
+        # Loading, single files and the cache of loaded models live in runai.models.loader.
         # ``model_dir`` is where single files find their base configs and tokenizer.
         self.loader = ModelLoader(self.device, self.dtype, model_dir, max_models=cache_models, max_bytes=cache_bytes)
         self._modes = modes.ModePipelines()
@@ -206,9 +208,9 @@ class Engine:
     def convert(self, request, on_progress, is_cancelled):
         """Run a convert request: a single-file checkpoint becomes a diffusers folder.
 
-        Returns a :class:`runai.convert.ConvertResult`.
+        Returns a :class:`runai.models.convert.ConvertResult`.
         """
-        from runai import convert
+        from runai.models import convert
 
         return convert.run_request(request, self.loader, on_progress, is_cancelled)
 

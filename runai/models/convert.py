@@ -24,9 +24,10 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from runai import errors, library
-from runai.loader import LoadError, check_tree, pipeline_from_single_file
-from runai.paths import contained
+from runai.core import errors
+from runai.models import library
+from runai.models.loader import LoadError, check_tree, pipeline_from_single_file
+from runai.models.paths import contained
 
 log = Logger()
 
@@ -146,7 +147,7 @@ def _write_then_rename(dst, shown, write):
 def single_file_to_diffusers(src, dst, model_dir, entry, on_progress=None, is_cancelled=None, shown=None):
     """Save the single-file model ``src`` as a diffusers folder at ``dst``.
 
-    ``entry`` is its :class:`runai.library.ModelEntry`; configs and tokenizer come from
+    ``entry`` is its :class:`runai.models.library.ModelEntry`; configs and tokenizer come from
     ``model_dir``. ``on_progress(step, total)`` follows each stage; a true
     ``is_cancelled()`` stops at the next stage with JobCancelled.
     """

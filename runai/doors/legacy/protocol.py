@@ -1,6 +1,6 @@
 """The server side of a connection: framing in and out, limits, and nothing else.
 
-Requests are handed to the factory (:class:`runai.server.RunaiFactory`), which owns the
+Requests are handed to the factory (:class:`runai.doors.legacy.factory.RunaiFactory`), which owns the
 queue; this class only turns bytes into messages and replies into bytes.
 
 Backpressure: the protocol is its transport's streaming producer. When the client stops
@@ -19,7 +19,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from runai import errors, framing
+from runai.core import errors
+from runai.doors.legacy import framing
 
 
 @implementer(IPushProducer)

@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from runai import errors
+from runai.core import errors
 
 
 class Job:
@@ -48,7 +48,7 @@ class Job:
 
 def _default_engine_factory(device, dtype, **options):
     # Imported here, in the worker thread, so that the server listens before torch loads.
-    from runai.engine import Engine
+    from runai.engine.engine import Engine
 
     return Engine(device=device, dtype=dtype, **options)
 

@@ -7,7 +7,7 @@ symlink inside the model folder that points outside it is refused like ``../..``
 import os
 from pathlib import Path
 
-from runai import errors
+from runai.core import errors
 
 MAX_NAME_LENGTH = 4096
 # The NSFW checker's folder, relative to the model folder: the Hub name users know.
@@ -81,7 +81,7 @@ def resolve_model(model_dir, name, base_path=None):
     (default: the model folder) or absolute. Every candidate is resolved, symlinks
     included, before it is checked for containment and before it is looked at.
     Returns ``(resolved_path, display_name)`` where the display name is relative to the
-    model folder. Raises :class:`runai.errors.RunaiError`.
+    model folder. Raises :class:`runai.core.errors.RunaiError`.
     """
     _check_name(name, "model")
     base = resolve_base_path(model_dir, base_path)

@@ -87,7 +87,7 @@ class Key:
         return self._value
 
     def __repr__(self):
-        return "<runai.store.Key (hidden)>"
+        return "<runai.history.store.Key (hidden)>"
 
     __str__ = __repr__
 

@@ -4,7 +4,9 @@ import argparse
 import os
 import sys
 
-from runai import framing, history_cli, library_cli
+from runai.doors.legacy import framing
+from runai.cli import history as history_cli
+from runai.cli import models as library_cli
 from runai.client import BlockingClient, ServerError, txt2img_request
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-from runai import errors
+from runai.core import errors
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 # Far below Pillow's 89 Mpx bomb threshold: 4096 x 4096 is more than any SD model paints.

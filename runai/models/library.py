@@ -20,8 +20,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from runai import checkpoint
-from runai.paths import contained
+from runai.models import checkpoint
+from runai.models.paths import contained
 
 log = Logger()
 

@@ -26,7 +26,7 @@ action), so a legacy client shows them as it showed the originals.
 
 One ``history_get`` at a time per connection: another one sent before the first's
 ``done`` is answered with the error ``queue_full``. Each image is read and sent only once
-the client has read enough of what came before (:meth:`runai.protocol.RunaiProtocol.when_writable`),
+the client has read enough of what came before (:meth:`runai.doors.legacy.protocol.RunaiProtocol.when_writable`),
 so a client that does not read cannot make the server queue a whole request's images.
 """
 
@@ -37,7 +37,7 @@ from typing import Optional
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
-from runai import errors
+from runai.core import errors
 
 HISTORY_ACTIONS = ("history", "history_get", "history_delete")
 DEFAULT_LIMIT = 50
@@ -45,7 +45,7 @@ MAX_LIMIT = 500
 MAX_QUERY_CHARS = 1000
 MAX_REQUEST_ID = 2**63 - 1
 
-log = Logger(namespace="runai.history")
+log = Logger(namespace="runai.doors.legacy.history")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def _integer(obj, name, low, high, default=None, required=False):
 
 
 def parse_history(action, obj, rid=None):
-    """A validated history request; raises :class:`runai.errors.RunaiError`."""
+    """A validated history request; raises :class:`runai.core.errors.RunaiError`."""
     if action == "history":
         query = _field(obj, "query")
         if query is not None:

@@ -22,7 +22,7 @@ def _size(n):
 
 
 def models_command(args):
-    from runai.cli import _token
+    from runai.cli.main import _token
 
     with BlockingClient(args.host, args.port, args.packet_size, timeout=120, token=_token(args)) as client:
         models = client.models()
@@ -51,8 +51,8 @@ def _progress(step, total):
 
 
 def convert_command(args):
-    from runai import convert
-    from runai.library import ModelLibrary, model_format
+    from runai.models import convert
+    from runai.models.library import ModelLibrary, model_format
 
     src = Path(os.path.realpath(os.path.expanduser(args.src)))
     dst = Path(os.path.abspath(os.path.expanduser(args.dst)))

@@ -12,7 +12,8 @@ from typing import Optional
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from PIL import Image
 
-from runai import errors, images
+from runai.core import errors
+from runai.engine import images
 
 
 @dataclass

@@ -8,8 +8,8 @@ import numpy
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessor
 
-from runai import errors
-from runai.paths import SAFETY_CHECKER as CHECKER_PATH
+from runai.core import errors
+from runai.models.paths import SAFETY_CHECKER as CHECKER_PATH
 
 
 class SafetyChecker:

@@ -15,7 +15,7 @@ import sys
 import zlib
 
 from runai.client import BlockingClient, ServerError
-from runai.history import MAX_LIMIT
+from runai.doors.legacy.history import MAX_LIMIT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -105,7 +105,7 @@ def _whole_number(value, what, low):
 
 
 def _connect(args):
-    from runai.cli import _token
+    from runai.cli.main import _token
     return BlockingClient(args.host, args.port, args.packet_size, timeout=120, token=_token(args))
 
 

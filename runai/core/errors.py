@@ -4,6 +4,8 @@ Clients branch on ``code``; ``message`` is for people. Keep codes stable: they a
 of the protocol documented in the README.
 """
 
+import os
+
 # Codes, in one place so that the README, the server and the client agree.
 BAD_ENCODING = "bad_encoding"  # the message is not UTF-8
 BAD_JSON = "bad_json"  # the message is not JSON, or not a JSON object
@@ -30,7 +32,10 @@ INTERNAL = "internal"
 
 
 class RunaiError(Exception):
-    """An error to report to the client as ``{"error": {"code", "message"}}``."""
+    """The base of runai's errors: a stable ``code`` for programs and a ``message`` for
+    people. A door reports it in its own wire format (the legacy socket as
+    ``{"error": {"code", "message"}}``). Subclasses that always carry one code (a model
+    that cannot be loaded, a conversion that failed) set it for their callers."""
 
     def __init__(self, code, message):
         super().__init__(message)
@@ -39,6 +44,19 @@ class RunaiError(Exception):
 
     def __repr__(self):
         return f"RunaiError({self.code!r}, {self.message!r})"
+
+
+def scrub(text, model_dir=None, names=()):
+    """``text`` without the server's own paths: each ``(path, name)`` in ``names`` becomes
+    the name the client used, and the model folder's prefix goes. A client learns nothing
+    of where the server keeps its files from an error message."""
+    text = str(text)
+    for path, name in names:
+        if path:
+            text = text.replace(str(path), str(name))
+    if model_dir is not None:
+        text = text.replace(str(model_dir).rstrip("/\\") + os.sep, "")
+    return text
 
 
 def check_integer(value, label, low, high):

@@ -12,9 +12,9 @@ from typing import Optional, Union
 
 from runai.core import errors
 from runai.doors.legacy.history import HISTORY_ACTIONS, parse_history
-from runai.engine.images import EncodedImage, check_image
+from runai.core.images import EncodedImage, check_image
 from runai.models.paths import resolve_model, safety_checker_path
-from runai.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from runai.core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 GENERATION_ACTIONS = ("txt2img", "img2img", "inpaint", "outpaint")
 # The model library: list the model folder, convert a checkpoint into a diffusers folder.

@@ -23,7 +23,7 @@ import torch
 from runai.core import errors
 from runai.engine.engine import Engine, GeneratedImage, encode_png
 from runai.core.requests import GenerationRequest
-from runai.engine.schedulers import SCHEDULERS
+from runai.core.schedulers import SCHEDULERS
 from runai.test.tiny import build_tiny_pipeline
 
 _models = {}

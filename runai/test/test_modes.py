@@ -17,11 +17,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai.core import errors
-from runai.engine import images
+from runai.core import images as core_images
 from runai.engine import prompts
 from runai.engine.engine import Engine
 from runai.core.requests import Limits, parse_request
-from runai.engine.schedulers import SCHEDULERS
+from runai.core.schedulers import SCHEDULERS
 from runai.test.test_e2e import LiveServer
 
 _root = None
@@ -155,7 +155,7 @@ class Img2ImgTests(ModeTestCase):
     def test_image_with_more_bytes_than_pixels_refused(self):
         padded = base64.b64decode(png(picture((8, 8)))) + b"\0" * (2 * 1024 * 1024)
         with self.assertRaises(errors.RunaiError) as caught:
-            images.check_image(base64.b64encode(padded).decode(), "pixels")
+            core_images.check_image(base64.b64encode(padded).decode(), "pixels")
         self.assertEqual(caught.exception.code, errors.BAD_REQUEST)
 
     def test_every_scheduler(self):
@@ -277,12 +277,12 @@ def _png_claiming(width, height):
 class InputImageTests(SynchronousTestCase):
     def code(self, value):
         with self.assertRaises(errors.RunaiError) as caught:
-            images.check_image(value, "pixels")
+            core_images.check_image(value, "pixels")
         return caught.exception.code
 
     def test_formats(self):
         for fmt in ("PNG", "JPEG", "WEBP"):
-            self.assertEqual(images.check_image(png(picture(), fmt), "pixels").format, fmt)
+            self.assertEqual(core_images.check_image(png(picture(), fmt), "pixels").format, fmt)
         for fmt in ("GIF", "BMP", "TIFF"):
             self.assertEqual(self.code(png(picture(), fmt)), errors.BAD_REQUEST, fmt)
 
@@ -298,11 +298,11 @@ class InputImageTests(SynchronousTestCase):
 
     def test_base64_length_checked_before_decoding(self):
         with self.assertRaises(errors.RunaiError) as caught:
-            images.check_image("A" * 101, "mask", max_base64_chars=100)
+            core_images.check_image("A" * 101, "mask", max_base64_chars=100)
         self.assertEqual(caught.exception.code, errors.OUT_OF_RANGE)
 
     def test_data_url_and_alpha(self):
-        encoded = images.check_image("data:image/png;base64," + png(picture(mode="RGBA")), "pixels")
+        encoded = core_images.check_image("data:image/png;base64," + png(picture(mode="RGBA")), "pixels")
         self.assertEqual(encoded.mode, "RGBA")
 
     def test_missing_pixels(self):

@@ -17,7 +17,7 @@ from runai.core.requests import (
     decode_message,
     parse_request,
 )
-from runai.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from runai.core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 
 class DecodeMessageTests(SynchronousTestCase):

@@ -31,7 +31,7 @@ from runai import tap
 from runai.core import errors
 from runai.history import store
 from runai.client import BlockingClient
-from runai.engine.images import EncodedImage
+from runai.core.images import EncodedImage
 from runai.core.requests import GenerationRequest
 from runai.test.support import FakeImage, ManualPool, SyncPool, SyncReactor
 

@@ -84,12 +84,32 @@ def serve_plain(expected):
 def serve_runai(parse_json):
     from twisted.internet import reactor
 
-    from runai.doors.legacy.protocol import RunaiProtocol
     from runai.doors.legacy.factory import RunaiFactory
-    from runai.core.queue import Worker
+    from runai.doors.legacy.protocol import RunaiProtocol
+
+    class BenchSession:
+        """Stands in for the connection's session: answers each message with its timing."""
+
+        def __init__(self, proto):
+            self.proto = proto
+
+        def message(self, payload):
+            length = len(payload)
+            if parse_json:
+                json.loads(payload)
+            seconds = time.perf_counter() - self.proto.first
+            self.proto.first = None
+            self.proto.transport.write(answer(length, seconds))
+
+        def lost(self):
+            pass
 
     class TimedProtocol(RunaiProtocol):
         first = None
+
+        def connectionMade(self):
+            super().connectionMade()
+            self.session = BenchSession(self)
 
         def dataReceived(self, data):
             if self.first is None:
@@ -99,16 +119,8 @@ def serve_runai(parse_json):
     class BenchFactory(RunaiFactory):
         protocol = TimedProtocol
 
-        def message_received(self, proto, payload):
-            length = len(payload)
-            if parse_json:
-                json.loads(payload)
-            seconds = time.perf_counter() - proto.first
-            proto.first = None
-            proto.transport.write(answer(length, seconds))
-
-    # The worker is never started: the factory only asks it to drop a leaving client's jobs.
-    factory = BenchFactory(Worker(reactor), ROOT, clock=reactor)
+    # No core: the bench session answers every message itself.
+    factory = BenchFactory(None, reactor)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     print(f"PORT {port.getHost().port}", flush=True)
     reactor.run()

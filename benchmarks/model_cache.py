@@ -60,13 +60,15 @@ def main():
     args = parser.parse_args()
 
     from runai.engine.engine import Engine
+    from runai.models.library import ModelLibrary
 
     models = Path(tempfile.mkdtemp(prefix="runai-cache-bench-"))
     try:
         started = time.perf_counter()
         build(models, args.sd15, args.device)
         print(f"built the models in {time.perf_counter() - started:.1f}s", flush=True)
-        engine = Engine(device=args.device, dtype=args.dtype, model_dir=str(models), cache_models=args.cache_size)
+        engine = Engine(device=args.device, dtype=args.dtype, library=ModelLibrary(models),
+                        cache_models=args.cache_size)
         first = {}
         for name in NAMES:
             started = time.perf_counter()

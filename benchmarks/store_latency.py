@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from twisted.internet import reactor, task  # noqa: E402
 from twisted.internet.defer import inlineCallbacks  # noqa: E402
 
-from runai.history import store
+from runai.history import database, store  # noqa: E402
+from runai.history.key import Key  # noqa: E402
 
 
 def main():
@@ -40,14 +41,14 @@ def main():
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="runai-store-bench-")
     path = os.path.join(folder, "history.db")
-    key = store.Key("benchmark key")
-    store.check(path, key)
+    key = Key("benchmark key")
+    database.check(path, key)
     s = store.Store(path, key, reactor)
     result = {}
 
     @inlineCallbacks
     def run():
-        s.start()
+        s.startService()
         yield s.history(1)  # opened
         request = SimpleNamespace(action="txt2img", model_name="v1/bench", prompt="a lighthouse",
                                   negative_prompt="", steps=20, seed=1, id=None)
@@ -73,7 +74,7 @@ def main():
         written = time.perf_counter() - started
         ticker.stop()
         result.update(enqueue=enqueue, lags=lags, written=written)
-        s.stop()
+        s.stopService()
         reactor.stop()
 
     reactor.callWhenRunning(run)

@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_client -*-
 """Clients for runai's socket protocol: a Twisted protocol and a blocking one for scripts.
 
 Both frame exactly like the legacy Krita client (JSON padded to whole packets, then an

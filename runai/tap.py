@@ -1,4 +1,6 @@
-"""``twistd runai``: command-line options and the service tree.
+# -*- test-case-name: runai.test.test_tap -*-
+"""``twistd runai``: command-line options, then the service tree that wires the core,
+its back end (a local worker), its door (the legacy socket) and the history.
 
 Imports nothing heavy: torch is imported in the worker thread once the server listens.
 """
@@ -9,13 +11,21 @@ import re
 import tempfile
 
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
+from runai.backends.local import LocalWorker
+from runai.core.queue import JobQueue
+from runai.core.service import Core
 from runai.doors.legacy import framing
 from runai.doors.legacy.factory import RunaiFactory
-from runai.core.queue import Worker
+from runai.models.library import ModelLibrary
+
+log = Logger(namespace="runai.tap")
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -124,7 +134,7 @@ class Options(usage.Options):
                 raise usage.UsageError("--token-file: the token must be at least 16 characters")
         self["db-key"] = None
         if self["db"] is not None or self["db-key-file"] is not None:
-            from runai.history.store import check_options  # only with --db: without it no store code runs
+            from runai.history.key import check_options  # only with --db: without it no store code runs
             check_options(self)
         if self["listen"] is None:
             host = endpoints.quoteStringArgument(self["host"])
@@ -140,71 +150,69 @@ def _is_loopback(host):
         return False
 
 
-class WorkerService(service.Service):
-    """Starts the worker thread first and stops it last (after the listener closes)."""
+@implementer(IStreamServerEndpoint)
+class _Announced:
+    """An endpoint whose listening is announced: the address logged (``runai listening
+    on``, which scripts wait for), then ``started(port)``; a failure to listen is logged
+    and stops the reactor rather than leave a server that serves nothing."""
 
-    def __init__(self, worker):
-        self.worker = worker
+    log = Logger(namespace="runai.tap")
 
-    def startService(self):
-        super().startService()
-        self.worker.start()
-
-    def stopService(self):
-        super().stopService()
-        self.worker.stop()
-
-
-class ListenService(service.Service):
-    log = Logger()
-
-    def __init__(self, reactor, description, factory):
-        self.reactor = reactor
+    def __init__(self, endpoint, description, started, reactor):
+        self.endpoint = endpoint
         self.description = description
-        self.factory = factory
-        self.port = None
-        self._listening = None
+        self.started = started
+        self.reactor = reactor
 
-    def startService(self):
-        super().startService()
-        endpoint = endpoints.serverFromString(self.reactor, self.description)
-        self._listening = endpoint.listen(self.factory)
-        self._listening.addCallbacks(self._listened, self._failed)
+    def listen(self, factory):
+        return self.endpoint.listen(factory).addCallbacks(self._listened, self._failed)
 
     def _listened(self, port):
-        self.port = port
-        address = port.getHost()
-        self.log.info("runai listening on {host}:{port}, models in {models}",
-                      host=getattr(address, "host", address), port=getattr(address, "port", ""),
-                      models=self.factory.model_dir)
-        if not _is_loopback(getattr(address, "host", "127.0.0.1")):
-            self.log.warn("Listening beyond loopback: anyone who can reach this port can queue jobs on "
-                          "this machine; prefer an ssl: endpoint on networks you do not trust")
-            if getattr(self.factory, "store", None) is not None and getattr(self.factory, "token", None) is None:
-                self.log.warn("--db without --token-file beyond loopback: anyone who can reach this port "
-                              "can read and delete the history")
-        if not self.factory.model_dir.is_dir():
-            self.log.warn("The model folder {models} does not exist yet", models=self.factory.model_dir)
-        self.factory.server_started()
-        self.factory.worker.warm_up()
+        self.started(port)
         return port
 
     def _failed(self, failure):
+        if failure.check(defer.CancelledError):
+            return None
         self.log.failure("runai could not listen on {description}", failure, description=self.description)
         if self.reactor.running:
             self.reactor.stop()
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()
-        if self._listening is not None:
-            self._listening.cancel()
+        return None
 
 
-def makeService(config, reactor=None):
+def _announce(factory, workers, model_dir):
+    def started(port):
+        address = port.getHost()
+        log.info("runai listening on {host}:{port}, models in {models}",
+                 host=getattr(address, "host", address), port=getattr(address, "port", ""), models=model_dir)
+        if not _is_loopback(getattr(address, "host", "127.0.0.1")):
+            log.warn("Listening beyond loopback: anyone who can reach this port can queue jobs on "
+                     "this machine; prefer an ssl: endpoint on networks you do not trust")
+            if factory.core.store is not None and factory.token is None:
+                log.warn("--db without --token-file beyond loopback: anyone who can reach this port "
+                         "can read and delete the history")
+        if not model_dir.is_dir():
+            log.warn("The model folder {models} does not exist yet", models=model_dir)
+        factory.server_started()
+        for worker in workers:
+            worker.warm_up()
+    return started
+
+
+def makeService(config, reactor=None, pool=None):
+    """The service tree: the history store (with --db), the worker, the queue, then the
+    listening door. Started in that order, stopped in reverse: the door stops taking
+    clients, the queue answers every job, the worker's thread is joined, the store writes
+    what is left and closes.
+
+    ``pool`` parses large requests and scans the model folder off the reactor thread: by
+    default the global reactor's own pool; None with a given ``reactor`` runs them in line.
+    """
     if reactor is None:
         from twisted.internet import reactor
+
+        if pool is None:
+            pool = reactor.getThreadPool()
 
     stopping = []
 
@@ -214,28 +222,35 @@ def makeService(config, reactor=None):
             stopping.append(True)
             reactor.stop()
 
-    store = None
+    top = service.MultiService()
+    recorder = None
     if config.get("db") is not None:
         from runai.history import store as history_store
+        from runai.history.recorder import Recorder
+
         store = history_store.from_config(config, reactor)  # a wrong key stops here, with a message
+        store.setServiceParent(top)
+        recorder = Recorder(store)
     # diffusers imports torch._dynamo, which creates $TMPDIR/torchinductor_$USER at import
     # time; runai compiles nothing. A folder that exists keeps "writes nothing" true.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.gettempdir())
-    worker = Worker(reactor, device=config["device"], dtype=config["dtype"], engine_options=dict(
-        model_dir=config["model-dir"], cache_models=config.get("cache-models", 2),
-        cache_bytes=config.get("cache-bytes"),
+    # One library: the models action lists it, the worker loads from it.
+    library = ModelLibrary(config["model-dir"])
+    worker = LocalWorker(reactor, device=config["device"], dtype=config["dtype"], engine_options=dict(
+        library=library, cache_models=config.get("cache-models", 2), cache_bytes=config.get("cache-bytes"),
     ))
+    worker.setServiceParent(top)
+    queue = JobQueue([worker])
+    queue.setServiceParent(top)
+    core = Core(queue, library, reactor, pool=pool, recorder=recorder,
+                refuse_unchecked=config["missing-safety-checker"] == "refuse", log_prompts=config["log-prompts"])
     factory = RunaiFactory(
-        worker, config["model-dir"], clock=reactor, stop=stop,
+        core, reactor, parse_pool=pool, stop=stop,
         packet_size=config["packet-size"], max_message_size=config["max-message-size"],
         idle_timeout=config["idle-timeout"], auto_shutdown=config["auto-shutdown"], timeout=config["timeout"],
-        refuse_unchecked=config["missing-safety-checker"] == "refuse",
         token=config["token"],
-        log_prompts=config["log-prompts"], store=store,
     )
-    top = service.MultiService()
-    if store is not None:
-        history_store.StoreService(store).setServiceParent(top)  # started first, stopped last
-    WorkerService(worker).setServiceParent(top)
-    ListenService(reactor, config["endpoint"], factory).setServiceParent(top)
+    endpoint = _Announced(endpoints.serverFromString(reactor, config["endpoint"]), config["endpoint"],
+                          _announce(factory, [worker], library.model_dir), reactor)
+    StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     return top

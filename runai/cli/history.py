@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_cli_history -*-
 """``runai history list|export|delete``: the server's history, over its socket.
 
 The command asks the running server (started with ``--db``), which holds the key; it
@@ -14,7 +15,8 @@ import struct
 import sys
 import zlib
 
-from runai.client import BlockingClient, ServerError
+from runai.cli.common import connect
+from runai.client import ServerError
 from runai.doors.legacy.history import MAX_LIMIT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -104,11 +106,6 @@ def _whole_number(value, what, low):
     return value
 
 
-def _connect(args):
-    from runai.cli.main import _token
-    return BlockingClient(args.host, args.port, args.packet_size, timeout=120, token=_token(args))
-
-
 def _when(seconds):
     return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
 
@@ -119,7 +116,7 @@ def _one_line(text, width):
 
 
 def list_command(args):
-    with _connect(args) as client:
+    with connect(args) as client:
         items = list(list_items(client, args.limit, args.before, args.query))
     if args.json:
         json.dump(items, sys.stdout, indent=1, ensure_ascii=False)
@@ -149,7 +146,7 @@ def export_command(args):
 
 def _export(args):
     """Write the selected requests' images; yields each file's name once written."""
-    with _connect(args) as client:
+    with connect(args) as client:
         if args.request_id:
             ids = args.request_id
         else:
@@ -176,7 +173,7 @@ def _export(args):
 
 
 def delete_command(args):
-    with _connect(args) as client:
+    with connect(args) as client:
         for request_id in args.request_id:
             _ask(client, {"action": "history_delete", "id": "delete", "request_id": request_id})
             print(f"request {request_id} deleted")

@@ -1,13 +1,14 @@
+# -*- test-case-name: runai.test.test_cli -*-
 """The ``runai`` command: talk to a running runai server from a shell."""
 
 import argparse
 import os
 import sys
 
-from runai.doors.legacy import framing
 from runai.cli import history as history_cli
 from runai.cli import models as library_cli
-from runai.client import BlockingClient, ServerError, txt2img_request
+from runai.cli.common import connect, connection_options
+from runai.client import ServerError, txt2img_request
 
 
 def _progress_bar(stream):
@@ -33,21 +34,13 @@ def _output_names(output, count):
     return [f"{stem}-{k}{ext or '.png'}" for k in range(count)]
 
 
-def _token(args):
-    """The server's shared secret: from a file or the environment, never the command line."""
-    if args.token_file:
-        with open(os.path.expanduser(args.token_file), encoding="utf-8") as f:
-            return f.read().strip()
-    return os.environ.get("RUNAI_TOKEN") or None
-
-
 def generate(args):
     request = txt2img_request(
         args.prompt, args.model,
         negative_prompt=args.negative, steps=args.steps, scale=args.scale, seed=args.seed,
         width=args.width, height=args.height, n_samples=args.n_samples, scheduler=args.scheduler,
     )
-    with BlockingClient(args.host, args.port, args.packet_size, token=_token(args)) as client:
+    with connect(args, timeout=None) as client:
         images = client.run(request, None if args.quiet else _progress_bar(sys.stderr))
     for image, name in zip(images, _output_names(args.output, len(images))):
         with open(name, "wb") as f:
@@ -57,7 +50,7 @@ def generate(args):
 
 
 def ping(args):
-    with BlockingClient(args.host, args.port, args.packet_size, timeout=30, token=_token(args)) as client:
+    with connect(args, timeout=30) as client:
         pong = client.ping()
     print(f"runai {pong.get('version')}: {pong.get('queued')} queued, {'busy' if pong.get('busy') else 'idle'}")
     return 0
@@ -65,12 +58,7 @@ def ping(args):
 
 def parser():
     top = argparse.ArgumentParser(prog="runai", description="Talk to a runai server.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--host", default="127.0.0.1")
-    common.add_argument("--port", type=int, default=50007)
-    common.add_argument("--packet-size", type=int, default=framing.DEFAULT_PACKET_SIZE)
-    common.add_argument("--token-file", default=None,
-                        help="file holding the server's token (or set RUNAI_TOKEN)")
+    common = connection_options()
     commands = top.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", parents=[common], help="txt2img: write the image(s) to a PNG file")

@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_convert -*-
 """``runai models`` (asks the server) and ``runai convert SRC DST`` (runs here, offline).
 
 ``convert`` goes both ways: a ``.safetensors``/``.ckpt`` file becomes a diffusers folder,
@@ -11,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from runai.client import BlockingClient
+from runai.cli.common import connect
 
 
 def _size(n):
@@ -22,9 +23,7 @@ def _size(n):
 
 
 def models_command(args):
-    from runai.cli.main import _token
-
-    with BlockingClient(args.host, args.port, args.packet_size, timeout=120, token=_token(args)) as client:
+    with connect(args, timeout=120) as client:
         models = client.models()
     if args.json:
         print(json.dumps(models, indent=2))
@@ -52,7 +51,9 @@ def _progress(step, total):
 
 def convert_command(args):
     from runai.models import convert
-    from runai.models.library import ModelLibrary, model_format
+    from runai.models.errors import ConvertError
+    from runai.models.library import ModelLibrary
+    from runai.models.paths import model_format
 
     src = Path(os.path.realpath(os.path.expanduser(args.src)))
     dst = Path(os.path.abspath(os.path.expanduser(args.dst)))
@@ -75,7 +76,7 @@ def convert_command(args):
             print(f"runai convert: {src} is neither a diffusers folder nor a .safetensors/.ckpt file",
                   file=sys.stderr)
             return 1
-    except convert.ConvertError as e:
+    except ConvertError as e:
         print(f"runai convert: {e.message}", file=sys.stderr)
         return 1
     return 0

@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_requests,runai.test.test_queue -*-
 """The errors a client can be told about, each with a stable machine-readable code.
 
 Clients branch on ``code``; ``message`` is for people. Keep codes stable: they are part
@@ -57,20 +58,6 @@ def scrub(text, model_dir=None, names=()):
     if model_dir is not None:
         text = text.replace(str(model_dir).rstrip("/\\") + os.sep, "")
     return text
-
-
-def check_integer(value, label, low, high):
-    """``value`` as an int within ``low..high``; ``label`` names it in the error.
-
-    JSON has one number type: 20.0 is taken for 20, but true is not taken for 1.
-    """
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RunaiError(BAD_REQUEST, f"{label} must be an integer")
-    if not low <= value <= high:
-        raise RunaiError(OUT_OF_RANGE, f"{label} must be between {low} and {high}, not {value}")
-    return value
 
 
 class JobCancelled(RunaiError):

@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_modes -*-
 """Client-supplied images, checked on arrival without decoding their pixels.
 
 The worker decodes them later (:mod:`runai.engine.images`).

@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_engine,runai.test.test_legacy_parse -*-
 """Scheduler names a client may ask for, mapped to diffusers classes.
 
 Torch-free on purpose: requests are validated without importing diffusers; the worker

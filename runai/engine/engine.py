@@ -1,55 +1,39 @@
-"""The torch side: turns a request into PNG images, on the models runai.models.loader loads.
+# -*- test-case-name: runai.test.test_engine,runai.test.test_modes -*-
+"""The torch side: turns a request into PNG images, on the models a
+:class:`runai.models.cache.ModelLoader` keeps loaded.
 
 Only the server's single worker thread imports and calls this module. Nothing in it is
 thread-safe, and nothing needs to be: one job runs at a time, and the loaded pipelines
 are the worker's alone.
 """
 
-import os
+from runai.models import offline  # before diffusers and transformers
 
-# huggingface_hub reads these once, at import: set them before diffusers/transformers
-# import it. A server must never reach out to a model hub, nor stall while trying to.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("DISABLE_TELEMETRY", "1")
-# Progress bars would go to the server's stderr, one line per load and per image.
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import io
+import logging
+from dataclasses import dataclass
+from typing import Optional
 
-import io  # noqa: E402
-import logging  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Optional  # noqa: E402
-
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from twisted.logger import Logger  # noqa: E402
+import diffusers
+import torch
+import transformers
+from twisted.logger import Logger
 
 from runai.core import errors
+from runai.core.requests import GENERATION_ACTIONS
 from runai.engine import modes
 from runai.engine import prompts
-from runai.models.loader import DTYPE_KEYWORD, MAX_CAUSE_CHARS, ModelLoader  # noqa: E402,F401
-from runai.core.requests import GENERATION_ACTIONS  # noqa: E402
-from runai.engine.safety import SafetyChecker  # noqa: E402
-from runai.engine.schedulers import make_scheduler  # noqa: E402
+from runai.engine.device import resolve_device, resolve_dtype
+from runai.engine.safety import SafetyChecker
+from runai.engine.schedulers import make_scheduler
+from runai.models.cache import ModelLoader
+
+del offline  # imported for what importing it does
 
 log = Logger()
 
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
-
-DTYPES = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 
 
 class _DropPromptText(logging.Filter):
@@ -100,47 +84,6 @@ class _Progress:
         return self._offset + per_run * self._runs
 
 
-def resolve_device(device="auto"):
-    """A ``torch.device`` from "auto", "cpu", "cuda" or "cuda:N"; RunaiError if unusable."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise errors.RunaiError(errors.INTERNAL, f"bad device {device!r}: {e}")
-    if resolved.type == "cpu":
-        return resolved
-    if resolved.type != "cuda":
-        raise errors.RunaiError(
-            errors.INTERNAL, f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N"
-        )
-    if not torch.cuda.is_available():
-        raise errors.RunaiError(
-            errors.INTERNAL, f"device {device!r} was asked for, but CUDA is not available here"
-        )
-    count = torch.cuda.device_count()
-    if resolved.index is not None and resolved.index >= count:
-        raise errors.RunaiError(
-            errors.INTERNAL, f"device {device!r} was asked for, but there are only {count} CUDA devices"
-        )
-    return resolved
-
-
-def resolve_dtype(dtype, device):
-    """A ``torch.dtype``: "auto" is float16 on CUDA (half the memory, tensor cores), else
-    float32 (half precision is slow, and partly unsupported, on CPUs)."""
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype
-    elif dtype in DTYPES:
-        return DTYPES[dtype]
-    raise errors.RunaiError(
-        errors.INTERNAL, f"unsupported dtype {dtype!r}; use auto, float16, bfloat16 or float32"
-    )
-
-
 def encode_png(image):
     """PNG bytes of a PIL image: no text chunks, no timestamps, so equal pixels give equal
     bytes, which is what lets clients (and tests) compare results."""
@@ -150,19 +93,20 @@ def encode_png(image):
 
 
 class Engine:
-    """Runs requests on the pipelines its :class:`runai.models.loader.ModelLoader` keeps loaded
-    (one by default; ``cache_models``/``cache_bytes`` keep more).
+    """Runs requests on the pipelines its :class:`runai.models.cache.ModelLoader` keeps
+    loaded (one by default; ``cache_models``/``cache_bytes`` keep more).
 
-    ``load_count`` counts loads from disk, so that callers (and tests) can tell that a
-    model stays loaded between requests.
+    ``library`` is the server's :class:`runai.models.library.ModelLibrary`: the model
+    folder, where single files find their base configs and tokenizer. Without one, only
+    diffusers folders load. ``load_count`` counts loads from disk, so that callers (and
+    tests) can tell that a model stays loaded between requests.
     """
 
-    def __init__(self, device="auto", dtype="auto", model_dir=None, cache_models=1, cache_bytes=None):
+    def __init__(self, device="auto", dtype="auto", library=None, cache_models=1, cache_bytes=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        # Loading, single files and the cache of loaded models live in runai.models.loader.
-        # ``model_dir`` is where single files find their base configs and tokenizer.
-        self.loader = ModelLoader(self.device, self.dtype, model_dir, max_models=cache_models, max_bytes=cache_bytes)
+        # Loading, single files and the cache of loaded models live in runai.models.
+        self.loader = ModelLoader(self.device, self.dtype, library, max_models=cache_models, max_bytes=cache_bytes)
         self._modes = modes.ModePipelines()
         self._safety = None
         log.info("engine on {device} with {dtype}", device=str(self.device), dtype=str(self.dtype))

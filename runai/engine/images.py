@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_modes -*-
 """Client images in the worker: decoded, resized, masked and composited.
 
 They were checked on arrival (:mod:`runai.core.images`): only PNG, JPEG and WebP, the

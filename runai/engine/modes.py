@@ -1,9 +1,12 @@
+# -*- test-case-name: runai.test.test_modes -*-
 """The four generation modes on one loaded model: which pipeline, which inputs, and what
 happens to the images afterwards. Worker thread only (imports diffusers).
 
 All modes share the loaded model's weights: the img2img and inpaint pipelines are built
 from the txt2img pipeline's components, which costs no memory and no load.
 """
+
+from runai.models import offline  # before diffusers and transformers
 
 import weakref
 from dataclasses import dataclass
@@ -14,6 +17,8 @@ from PIL import Image
 
 from runai.core import errors
 from runai.engine import images
+
+del offline  # imported for what importing it does
 
 
 @dataclass

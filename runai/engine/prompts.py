@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_modes -*-
 """Prompts longer than CLIP's 77 tokens, encoded in chunks instead of silently cut.
 
 The text encoder sees at most 75 tokens between its start and end tokens. A longer

@@ -1,8 +1,11 @@
+# -*- test-case-name: runai.test.test_modes -*-
 """The NSFW safety checker, when its model is in the model folder. Worker thread only.
 
 runai never downloads it: the user puts ``CompVis/stable-diffusion-safety-checker`` (its
 ``config.json``, weights and ``preprocessor_config.json``) in the model folder.
 """
+
+from runai.models import offline  # before diffusers and transformers
 
 import numpy
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -10,6 +13,8 @@ from transformers import CLIPImageProcessor
 
 from runai.core import errors
 from runai.models.paths import SAFETY_CHECKER as CHECKER_PATH
+
+del offline  # imported for what importing it does
 
 
 class SafetyChecker:

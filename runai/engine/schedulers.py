@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_engine,runai.test.test_modes -*-
 """Schedulers by name, built from a model's own scheduler config (imports diffusers)."""
 
 from runai.core.schedulers import SCHEDULERS

@@ -1,8 +1,10 @@
+# -*- test-case-name: runai.test.test_store -*-
 """The optional history: every request and the images it produced, kept in one SQLCipher
 database that is unreadable without the user's key.
 
-Off by default. ``runai.tap`` imports this module only when ``--db`` is given, so a server
-started without it runs none of this code and writes nothing.
+Off by default. ``runai.tap`` imports this package only when ``--db`` is given, so a server
+started without it runs none of this code and writes nothing. The key is read by
+:mod:`runai.history.key`; the file is opened and migrated by :mod:`runai.history.database`.
 
 Threads: every database call runs on the store's own one-thread pool (``runai-store``),
 never on the reactor and never on the GPU worker. From the reactor, writes are
@@ -18,294 +20,15 @@ and is marked ``interrupted`` at the next start.
 import dataclasses
 import json
 import os
-import pathlib
-import stat
 import time
 
 from twisted.application import service
 from twisted.internet.defer import fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-KEY_ENV = "RUNAI_DB_KEY"
-MAX_KEY_BYTES = 64 * 1024
-APPLICATION_ID = 0x72756E61  # "runa", in the database header: tells runai's files apart
-
-# Each migration takes the schema from version N to N + 1 (index N); the version lives in
-# ``PRAGMA user_version``. Append, never edit: files in the field went through the old ones.
-MIGRATIONS = (
-    (
-        f"PRAGMA application_id = {APPLICATION_ID}",
-        """CREATE TABLE requests (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after a delete
-            created REAL NOT NULL,                 -- unix time of the request
-            finished REAL,
-            action TEXT NOT NULL,
-            model TEXT NOT NULL,
-            prompt TEXT NOT NULL,
-            negative_prompt TEXT NOT NULL,
-            params TEXT NOT NULL,                  -- JSON: every other parameter
-            client_id TEXT,                        -- JSON: the client's "id", if any
-            status TEXT NOT NULL,                  -- queued, done, failed, cancelled, interrupted
-            error_code TEXT,
-            error_message TEXT,
-            seconds REAL
-        )""",
-        """CREATE TABLE images (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            request_id INTEGER NOT NULL REFERENCES requests (id) ON DELETE CASCADE,
-            idx INTEGER NOT NULL,
-            seed INTEGER,
-            width INTEGER NOT NULL,
-            height INTEGER NOT NULL,
-            created REAL NOT NULL,
-            png BLOB NOT NULL
-        )""",
-        "CREATE INDEX images_by_request ON images (request_id, idx)",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-STATUSES = ("queued", "done", "failed", "cancelled", "interrupted")
-
-
-class StoreError(Exception):
-    """The store cannot be used; the message is meant for the user, as is."""
-
-
-class Key:
-    """A passphrase that keeps itself out of reprs, logs and tracebacks."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value):
-        self._value = value
-
-    def reveal(self):
-        return self._value
-
-    def __repr__(self):
-        return "<runai.history.store.Key (hidden)>"
-
-    __str__ = __repr__
-
-
-def _key_text(data, where):
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise StoreError(f"the key in {where} is not UTF-8 text")
-    # One trailing newline is what `echo` and editors add; it is not part of the key.
-    if data.endswith("\r\n"):
-        data = data[:-2]
-    elif data.endswith("\n"):
-        data = data[:-1]
-    if not data:
-        raise StoreError(f"the key in {where} is empty")
-    if "\x00" in data:
-        raise StoreError(f"the key in {where} contains a NUL character")
-    return Key(data)
-
-
-def load_key(key_file=None, environ=None):
-    """The key from ``key_file`` or else ``$RUNAI_DB_KEY``; never from the command line,
-    where ``ps`` would show it. Raises :class:`StoreError`."""
-    if key_file is not None:
-        try:
-            with open(key_file, "rb") as f:
-                data = f.read(MAX_KEY_BYTES + 1)
-                mode = os.fstat(f.fileno()).st_mode
-        except OSError as e:
-            raise StoreError(f"cannot read the key file {key_file}: {e.strerror or e}")
-        if mode & 0o077:
-            Store.log.warn("The key file {key_file} can be read by other users (mode {mode:o}); "
-                           "chmod 600 it", key_file=key_file, mode=stat.S_IMODE(mode))
-        if len(data) > MAX_KEY_BYTES:
-            raise StoreError(f"the key file {key_file} is larger than {MAX_KEY_BYTES} bytes")
-        return _key_text(data, f"the key file {key_file}")
-    environ = os.environ if environ is None else environ
-    value = environ.get(KEY_ENV)
-    if value is None:
-        raise StoreError(f"--db needs a key: --db-key-file FILE, or the {KEY_ENV} environment variable")
-    return _key_text(value, KEY_ENV)
-
-
-def check_options(options, environ=None):
-    """``--db`` and ``--db-key-file`` for :class:`runai.tap.Options`: resolves the path,
-    loads the key into ``options["db-key"]``; raises UsageError. Opens no database."""
-    if options["db"] is None:
-        if options["db-key-file"] is not None:
-            raise usage.UsageError("--db-key-file needs --db")
-        return
-    path = os.path.abspath(os.path.expanduser(options["db"]))
-    if os.path.isdir(path):
-        raise usage.UsageError(f"--db {path} is a folder; give the path of a database file")
-    if not os.path.isdir(os.path.dirname(path)):
-        raise usage.UsageError(f"--db {path}: the folder {os.path.dirname(path)} does not exist")
-    try:
-        options["db-key"] = load_key(options["db-key-file"], environ)
-    except StoreError as e:
-        raise usage.UsageError(str(e))
-    options["db"] = path
-
-
-def _driver():
-    try:
-        from sqlcipher3 import dbapi2
-    except ImportError:
-        raise StoreError("--db needs the SQLCipher binding: pip install 'runai[db]' (the sqlcipher3-binary package)")
-    return dbapi2
-
-
-def _contains(text, needle):
-    """Case-insensitive substring test for any script (SQLite's LIKE folds ASCII only)."""
-    if text is None or needle is None:
-        return 0
-    return int(needle.casefold() in text.casefold())
-
-
-def _connect(driver, path, key, read_only):
-    uri = pathlib.Path(path).as_uri() + ("?mode=ro" if read_only else "?mode=rw")
-    conn = driver.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
-    try:
-        try:
-            # SQLCipher prints decryption failures to stderr; runai says it more plainly.
-            conn.execute("PRAGMA cipher_log_level = NONE")
-        except driver.Error:
-            pass
-        conn.execute("PRAGMA key = '{}'".format(key.reveal().replace("'", "''")))
-        # SQLCipher 4's settings, pinned so a later SQLCipher with other defaults still
-        # reads files written today.
-        conn.execute("PRAGMA cipher_compatibility = 4")
-        try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except driver.DatabaseError as e:
-            raise StoreError(
-                f"cannot decrypt {path}: wrong key, or not a runai database ({e}); the file was left as it was"
-            )
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _identify(conn, path, known=SCHEMA_VERSION):
-    """Refuse a file that is not runai's, or that a newer runai wrote (without writing)."""
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-    if app_id != APPLICATION_ID and (app_id != 0 or objects or version):
-        raise StoreError(f"{path} is an SQLCipher database, but not a runai one; the file was left as it was")
-    if version > known:
-        raise StoreError(
-            f"{path} was written by a newer runai (schema {version}; this one knows up to {known}); "
-            "the file was left as it was"
-        )
-    return version
-
-
-def migrate(conn, migrations=MIGRATIONS):
-    """Apply the missing migrations, each in its own transaction; returns the version."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for target in range(version + 1, len(migrations) + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            step = migrations[target - 1]
-            if callable(step):
-                step(conn)
-            else:
-                for statement in step:
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {target}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        version = target
-    return version
-
-
-def _remove_empty_wal(created):
-    """A read-only connection leaves the (empty) -wal and -shm it created; remove them,
-    so that a refused file has nothing new beside it. A WAL with content stays."""
-    wal = [name for name in created if name.endswith("-wal")]
-    if wal and os.path.exists(wal[0]) and os.path.getsize(wal[0]):
-        return
-    for name in created:
-        try:
-            os.remove(name)
-        except FileNotFoundError:
-            pass
-
-
-def open_database(path, key, migrations=MIGRATIONS, driver=None):
-    """An open, checked, migrated connection to the database at ``path``.
-
-    An existing file is first opened read-only, so that a wrong key, or a file that is
-    not runai's, is refused before anything is written to it (a read-write connection
-    would, on closing, fold a left-over WAL into the file). A missing file is created,
-    readable by its owner only. Raises :class:`StoreError`.
-    """
-    driver = driver or _driver()
-    path = os.path.abspath(path)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        info = None
-    except OSError as e:
-        raise StoreError(f"cannot open {path}: {e.strerror or e}")
-    try:
-        if info is not None:
-            if not stat.S_ISREG(info.st_mode):
-                raise StoreError(f"{path} is not a regular file")
-            if not os.access(path, os.R_OK | os.W_OK):
-                raise StoreError(f"{path} is not readable and writable by this user")
-            if info.st_size:
-                leftovers = [path + suffix for suffix in ("-wal", "-shm") if not os.path.exists(path + suffix)]
-                conn = _connect(driver, path, key, read_only=True)
-                try:
-                    _identify(conn, path, len(migrations))
-                finally:
-                    conn.close()
-                    _remove_empty_wal(leftovers)
-        else:
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise StoreError(f"cannot create {path}: {e.strerror or e}")
-        conn = _connect(driver, path, key, read_only=False)
-        try:
-            _identify(conn, path, len(migrations))
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA secure_delete = ON")  # a deleted image is overwritten, not left in free pages
-            conn.execute("PRAGMA temp_store = MEMORY")  # no temporary files beside the database
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise StoreError(f"{path}: SQLite refused the WAL journal (got {mode!r})")
-            conn.execute("PRAGMA synchronous = FULL")
-            migrate(conn, migrations)
-            conn.create_function("runai_contains", 2, _contains, deterministic=True)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-    except driver.Error as e:
-        raise StoreError(f"cannot open {path}: {e}")
-
-
-def check(path, key):
-    """Open, check and migrate the database once, then close it: what the server does
-    at start, before it listens. Returns the number of requests kept."""
-    conn = open_database(path, key)
-    try:
-        return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
-    finally:
-        conn.close()
+from runai.history.database import MIGRATIONS, StoreError, check, open_database
 
 
 def _jsonable(value):
@@ -361,8 +84,13 @@ _ITEM_COLUMNS = """r.id, r.created, r.finished, r.action, r.model, r.prompt, r.n
     (SELECT count(*) FROM images i WHERE i.request_id = r.id)"""
 
 
-class Store:
-    """The database, its thread, and the reactor-side calls that feed it."""
+class Store(service.Service):
+    """The database, its thread, and the reactor-side calls that feed it.
+
+    A Service: ``twistd runai --db`` starts it first and stops it last, after the worker,
+    so that the jobs the worker fails on its way out are still written. :meth:`start` and
+    :meth:`stop` do the same for a store used without a service parent.
+    """
 
     log = Logger()
 
@@ -378,23 +106,23 @@ class Store:
         self.now = now
         self.migrations = migrations
         self.pending_bytes = 0
-        self.running = False
         self._conn = None
 
     # Lifecycle (reactor thread) -------------------------------------------------------
 
-    def start(self):
+    def startService(self):
+        """Start the store's thread and open the database on it."""
         self.pool.start()
-        self.running = True
+        super().startService()
         self._call(self._open).addErrback(
             lambda f: self.log.failure("The history database {path} could not be opened", f, path=self.path))
 
-    def stop(self):
+    def stopService(self):
         """Write what is queued, close the database and join the thread."""
         if not self.running:
             return
         self._call(self._close).addErrback(lambda f: self.log.failure("Closing the history database", f))
-        self.running = False
+        super().stopService()
         self.pool.stop()
 
     def _call(self, f, *args):
@@ -546,19 +274,3 @@ def from_config(config, reactor):
     except StoreError as e:
         raise SystemExit(f"runai: cannot use the history database: {e}")
     return Store(config["db"], config["db-key"], reactor)
-
-
-class StoreService(service.Service):
-    """Starts the store's thread first and stops it last, after the worker: the jobs
-    that the worker fails on its way out are still written."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def startService(self):
-        super().startService()
-        self.store.start()
-
-    def stopService(self):
-        super().stopService()
-        self.store.stop()

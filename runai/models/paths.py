@@ -1,15 +1,24 @@
+# -*- test-case-name: runai.test.test_paths,runai.test.test_cache -*-
 """Where a client's model names may lead: inside the model folder, and nowhere else.
 
 Every path is resolved (``..`` and symlinks) *before* it is checked for containment, so a
-symlink inside the model folder that points outside it is refused like ``../..``.
+symlink inside the model folder that points outside it is refused like ``../..``. A
+folder that is about to be opened is walked whole (:func:`check_tree`): one link in it to
+elsewhere is enough to refuse it. :func:`model_format` says which format a path holds.
+
+Torch-free: the reactor resolves requests with it.
 """
 
+import json
 import os
 from pathlib import Path
 
 from runai.core import errors
+from runai.models.errors import LoadError
 
 MAX_NAME_LENGTH = 4096
+# Bigger than any config a model folder holds.
+MAX_JSON_BYTES = 1024 * 1024
 # The NSFW checker's folder, relative to the model folder: the Hub name users know.
 SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 
@@ -52,18 +61,24 @@ def resolve_base_path(model_dir, base_path):
     return resolved
 
 
+DIFFUSERS = "diffusers"
+SAFETENSORS = "safetensors"
+CKPT = "ckpt"
+FILE_FORMATS = {".safetensors": SAFETENSORS, ".ckpt": CKPT}
 # What a model name without an extension may stand for, best first: a diffusers folder
 # loads fastest and needs nothing else; .safetensors needs no unpickling; .ckpt is last.
-MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt")
+MODEL_FILE_SUFFIXES = tuple(FILE_FORMATS)
 
 
-def _model_at(resolved):
-    """``"diffusers"`` or ``"file"`` if a model is at the resolved path, else None."""
+def model_format(path):
+    """``"diffusers"``, ``"safetensors"`` or ``"ckpt"`` for the model at the resolved
+    ``path``; None where there is no model."""
+    path = Path(path)
     try:
-        if resolved.is_dir():
-            return "diffusers" if (resolved / "model_index.json").is_file() else None
-        if resolved.is_file() and resolved.suffix.lower() in MODEL_FILE_SUFFIXES:
-            return "file"
+        if path.is_dir():
+            return DIFFUSERS if (path / "model_index.json").is_file() else None
+        if path.is_file():
+            return FILE_FORMATS.get(path.suffix.lower())
     except OSError:
         # A name too long for the file system (ENAMETOOLONG), a permission error: such a
         # path cannot be a model, and must not escape as an exception other than RunaiError.
@@ -93,7 +108,7 @@ def resolve_model(model_dir, name, base_path=None):
             f"model {name!r} is outside the server's model folder",
         )
     display = resolved.relative_to(model_dir).as_posix()
-    if _model_at(resolved):
+    if model_format(resolved):
         return resolved, display
     explicit = literal.suffix.lower() in MODEL_FILE_SUFFIXES
     if not explicit and literal.name:
@@ -107,7 +122,7 @@ def resolve_model(model_dir, name, base_path=None):
                     errors.PATH_OUTSIDE_MODEL_DIR,
                     f"model {name + suffix!r} is outside the server's model folder",
                 )
-            if _model_at(found):
+            if model_format(found):
                 return found, found.relative_to(model_dir).as_posix()
     try:
         exists = resolved.exists()
@@ -121,6 +136,51 @@ def resolve_model(model_dir, name, base_path=None):
         f"{display!r} is not a model: neither a diffusers folder (with a model_index.json) "
         "nor a .safetensors or .ckpt file",
     )
+
+
+def read_json(model_dir, path):
+    """The JSON object in the file ``path`` if it lies inside ``model_dir`` (resolved) and
+    is small enough to be a config; None for anything else: a config that cannot be read
+    is a config that is not there."""
+    resolved = contained(model_dir, path)
+    if resolved is None or not resolved.is_file():
+        return None
+    if resolved.stat().st_size > MAX_JSON_BYTES:
+        return None
+    try:
+        value = json.loads(resolved.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_tree(model_dir, folder, limit=10_000):
+    """Raise LoadError unless everything under ``folder`` resolves inside ``model_dir``.
+
+    A diffusers folder is many files, and ``from_pretrained`` follows symlinks: one link
+    to elsewhere in ``unet/`` would have it open a file outside the model folder.
+    """
+    model_dir = Path(os.path.realpath(model_dir))
+    pending = [Path(folder)]
+    seen = set()
+    count = 0
+    while pending:
+        current = pending.pop()
+        try:
+            children = list(os.scandir(current))
+        except OSError as e:
+            raise LoadError(f"cannot read {current.name}: {e.strerror}")
+        for child in children:
+            count += 1
+            if count > limit:
+                raise LoadError(f"the model folder {Path(folder).name} has more than {limit} files")
+            resolved = contained(model_dir, child.path)
+            if resolved is None:
+                shown = os.path.relpath(child.path, model_dir) if current != Path(folder) else child.name
+                raise LoadError(f"{shown} is a link to a place outside the model folder")
+            if resolved.is_dir() and resolved not in seen:
+                seen.add(resolved)
+                pending.append(resolved)
 
 
 def safety_checker_path(model_dir):

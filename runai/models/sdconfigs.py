@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_singlefile -*-
 """The diffusers component configs of Stable Diffusion 1.5 and 2.1, shipped with runai.
 
 A single-file checkpoint holds weights but no architecture. diffusers fetches the

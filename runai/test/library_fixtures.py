@@ -3,7 +3,7 @@ version, and header-only checkpoints with the real key names and shapes of SD 1.
 and SDXL. Built once per test process, in a temporary folder, never in the repository.
 
 Tiny single files are made by runai's own export (diffusers -> LDM layout), which the
-convert tests check against diffusers' own single-file loader.
+layout tests check against diffusers' own single-file loader.
 """
 
 import atexit
@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from twisted.logger import LogLevel, globalLogPublisher
+
 from runai.models import checkpoint
 from runai.models import convert
+from runai.models import ldm_layout
 from runai.test.tiny import build_tiny_pipeline
 
 V2_WIDTH = 64  # the tiny v2 model's text width, where SD 2 has 1024 (v1's tiny one has 32)
@@ -62,6 +65,37 @@ def ldm_state(kind):
     if key not in _state:
         _state[key] = convert.diffusers_to_ldm(tiny_source(kind))[0]
     return _state[key]
+
+
+def reference(kind):
+    """The tiny model ``kind`` as diffusers itself loads it."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(tiny_source(kind)), local_files_only=True,
+                                                   safety_checker=None, low_cpu_mem_usage=False)
+
+
+def assertSameWeights(test, loaded, reference, components=("unet", "vae", "text_encoder")):
+    """Every weight of every component equal: diffusers' single-file loader leaves a
+    weight it did not find at its random initial value, silently, so sampling is not enough."""
+    for component in components:
+        mine, theirs = getattr(loaded, component).state_dict(), getattr(reference, component).state_dict()
+        test.assertEqual(set(mine), set(theirs), component)
+        different = [k for k in theirs if not torch.equal(mine[k], theirs[k])]
+        test.assertEqual(different, [], component)
+
+
+def capture_warnings(test):
+    """The warnings and errors logged from now until ``test`` ends."""
+    events = []
+
+    def observe(event):
+        if event.get("log_level") in (LogLevel.warn, LogLevel.error):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return events
 
 
 # -- .ckpt as pytorch_lightning wrote them -------------------------------------------------------
@@ -181,10 +215,10 @@ def real_layout(version, inpainting=False):
         text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
                                                if k != "architectures"}))
     state = {}
-    state.update(convert.unet_to_ldm(unet.state_dict(), unet_config))
-    state.update(convert.vae_to_ldm(vae.state_dict(), configs["vae"]))
+    state.update(ldm_layout.unet_to_ldm(unet.state_dict(), unet_config))
+    state.update(ldm_layout.vae_to_ldm(vae.state_dict(), configs["vae"]))
     text_state = text.state_dict()
-    state.update(convert.clip_to_ldm(text_state) if version == "v1" else convert.open_clip_to_ldm(text_state))
+    state.update(ldm_layout.clip_to_ldm(text_state) if version == "v1" else ldm_layout.open_clip_to_ldm(text_state))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if version == "v2":
         # What the released 2.x files have beyond diffusers' 23 layers: OpenCLIP's last

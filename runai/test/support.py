@@ -14,10 +14,29 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from runai.backends.local import LocalWorker
 from runai.core import errors
+from runai.core.queue import JobQueue
+from runai.core.service import Core
+from runai.client import txt2img_request
 from runai.doors.legacy import framing
 from runai.doors.legacy.factory import RunaiFactory
-from runai.core.queue import Worker
+from runai.history.recorder import Recorder
+from runai.models.library import ModelLibrary
+
+CORE_OPTIONS = ("refuse_unchecked", "log_prompts")
+
+
+def make_server(reactor, models, worker, store=None, pool=None, **options):
+    """``(queue, core, factory)``: the legacy door in front of the core, in front of a
+    queue of ``worker``, as ``twistd runai`` wires them; ``store`` keeps the history.
+    ``options`` go to the core or the factory, by name."""
+    queue = JobQueue([worker])
+    core = Core(queue, ModelLibrary(models), reactor, pool=pool, recorder=Recorder(store) if store else None,
+                **{k: v for k, v in options.items() if k in CORE_OPTIONS})
+    factory = RunaiFactory(core, reactor, parse_pool=pool,
+                           **{k: v for k, v in options.items() if k not in CORE_OPTIONS})
+    return queue, core, factory
 
 
 def _call(on_result, f, args, kwargs):
@@ -131,8 +150,9 @@ class FactoryTestCase(SynchronousTestCase):
         self.reactor = SyncReactor()
         self.pool = ManualPool()
         self.engine = ScriptedEngine()
-        self.worker = Worker(self.reactor, engine_factory=lambda device, dtype: self.engine, pool=self.pool)
-        self.factory = RunaiFactory(self.worker, self.models, clock=self.reactor, **self.factory_options())
+        self.worker = LocalWorker(self.reactor, engine_factory=lambda device, dtype: self.engine, pool=self.pool)
+        self.queue, self.core, self.factory = make_server(self.reactor, self.models, self.worker,
+                                                          **self.factory_options())
 
     def factory_options(self):
         return {}
@@ -147,3 +167,18 @@ class FactoryTestCase(SynchronousTestCase):
         messages = decode_all(transport.value())
         transport.clear()
         return messages
+
+
+class ServerTestCase(FactoryTestCase):
+    """A server whose auto-shutdown stops are recorded in ``self.stopped``."""
+
+    auto_shutdown = False
+
+    def factory_options(self):
+        self.stopped = []
+        return dict(stop=lambda: self.stopped.append(True), idle_timeout=30, auto_shutdown=self.auto_shutdown,
+                    timeout=10)
+
+    def request(self, **options):
+        options.setdefault("steps", 3)
+        return txt2img_request("a lighthouse", "v1/tiny", **options)

@@ -17,11 +17,10 @@ from twisted.trial.unittest import TestCase
 from runai.core import errors
 from runai.doors.legacy import framing
 from runai.history import store
-from runai.doors.legacy.factory import RunaiFactory
-from runai.test.support import FakeImage, decode_all, frame
-from runai.test.test_history import ServerTestCase
-from runai.test.test_store import KEY, request
-from runai.core.queue import Worker
+from runai.backends.local import LocalWorker
+from runai.test.support import FakeImage, decode_all, frame, make_server
+from runai.test.test_legacy_history import ServerTestCase
+from runai.test.store_fixtures import KEY, request
 
 
 class SlowReader(StringTransport):
@@ -137,7 +136,7 @@ class BackpressureTests(ServerTestCase):
         self.assertEqual(kinds(last), ["image", "done"])
         self.assertEqual(last[-1]["images"], 3)
         self.assertEqual(transport.drain(), [])
-        self.assertIsNone(proto.history_get)
+        self.assertIsNone(proto.session.history_get)
 
     def test_one_history_get_at_a_time(self):
         self.stored_request(n_samples=2)
@@ -189,7 +188,7 @@ class BackpressureTests(ServerTestCase):
         self.assertEqual(len(reads), 1)
         proto.connectionLost(None)
         self.assertEqual(len(reads), 1)
-        self.assertIsNone(proto.history_get)
+        self.assertIsNone(proto.session.history_get)
         self.assertIsNone(transport.producer)
 
     def test_transport_stops_producing_while_waiting(self):
@@ -202,7 +201,7 @@ class BackpressureTests(ServerTestCase):
         proto.stopProducing()
         proto.connectionLost(None)
         self.assertEqual(reads, [])
-        self.assertIsNone(proto.history_get)
+        self.assertIsNone(proto.session.history_get)
 
     def test_close_unregisters_before_losing_the_connection(self):
         # A producer still registered holds a TCP or TLS connection open after loseConnection.
@@ -232,8 +231,8 @@ class RealSocketTests(TestCase):
         folder = os.path.realpath(self.mktemp())
         os.makedirs(folder)
         self.store = store.Store(os.path.join(folder, "h.db"), KEY, reactor)
-        self.store.start()
-        self.addCleanup(self.store.stop)
+        self.store.startService()
+        self.addCleanup(self.store.stopService)
         record = self.store.begin(request())
         self.pngs = [os.urandom(self.image_bytes) for _ in range(self.images)]
         for index, data in enumerate(self.pngs):
@@ -242,7 +241,8 @@ class RealSocketTests(TestCase):
         yield self.store.history(1)  # the writes above are done
         models = os.path.realpath(self.mktemp())
         os.makedirs(models)
-        self.factory = RunaiFactory(Worker(reactor), models, clock=reactor, store=self.store)
+        _, _, self.factory = make_server(reactor, models, LocalWorker(reactor), store=self.store,
+                                         pool=reactor.getThreadPool())
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
 
@@ -282,7 +282,7 @@ class RealSocketTests(TestCase):
         self.assertEqual([m["index"] for m in images], list(range(self.images)))
         self.assertEqual([base64.b64decode(m["image"]) for m in images], self.pngs)
         self.assertEqual(messages[-1]["images"], self.images)
-        self.assertIsNone(proto.history_get)
+        self.assertIsNone(proto.session.history_get)
 
 
 def json_of(event):

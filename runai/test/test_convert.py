@@ -1,5 +1,6 @@
-"""runai.models.convert: diffusers <-> single file, checked against diffusers' own loader; the
-``convert`` action over a socket; the ``runai convert`` command."""
+"""runai.models.convert: single file -> diffusers folder and back, checked against
+diffusers' own loader; the ``convert`` action, in the worker and over a socket; the
+``runai convert`` command (runai.cli.models)."""
 
 import os
 import shutil
@@ -7,104 +8,25 @@ import types
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai.models import checkpoint
 from runai.cli import main as cli
+from runai.models import classify
 from runai.models import convert
 from runai.core import errors
 from runai.models import library
 from runai.client import BlockingClient
 from runai.engine.engine import Engine
-from runai.core.requests import ConvertRequest, parse_request
-from runai.doors.legacy.factory import RunaiFactory
+from runai.core.requests import ConvertRequest
+from runai.doors.legacy.parse import parse_request
+from runai.backends.local import LocalWorker
 from runai.test import library_fixtures as fx
-from runai.core.queue import Worker
-
-
-def assertSameWeights(test, loaded, reference, components=("unet", "vae", "text_encoder")):
-    """Every weight of every component equal: diffusers' single-file loader leaves a
-    weight it did not find at its random initial value, silently, so sampling is not enough."""
-    for component in components:
-        mine, theirs = getattr(loaded, component).state_dict(), getattr(reference, component).state_dict()
-        test.assertEqual(set(mine), set(theirs), component)
-        different = [k for k in theirs if not torch.equal(mine[k], theirs[k])]
-        test.assertEqual(different, [], component)
-
-
-def reference(kind):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(str(fx.tiny_source(kind)), local_files_only=True,
-                                                   safety_checker=None, low_cpu_mem_usage=False)
-
-
-class ExportTests(SynchronousTestCase):
-    """diffusers -> LDM single file, read back by diffusers' ``from_single_file``."""
-
-    def export(self, kind, **kwargs):
-        dst = Path(self.mktemp()).absolute() / f"{kind}.safetensors"
-        dst.parent.mkdir()
-        convert.diffusers_to_single_file(fx.tiny_source(kind), dst, **kwargs)
-        return dst
-
-    def diffusers_loads(self, path, kind, cls=None):
-        from diffusers import StableDiffusionPipeline
-
-        cls = cls or StableDiffusionPipeline
-        return cls.from_single_file(str(path), config=str(fx.tiny_source(kind)), local_files_only=True,
-                                    safety_checker=None)
-
-    def test_v1_with_diffusers_loader(self):
-        path = self.export("v1")
-        assertSameWeights(self, self.diffusers_loads(path, "v1"), reference("v1"))
-
-    def test_v2_openclip_with_diffusers_loader(self):
-        path = self.export("v2")
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())
-        self.assertIn("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", keys)
-        self.assertFalse(any(k.startswith("cond_stage_model.transformer.") for k in keys))
-        assertSameWeights(self, self.diffusers_loads(path, "v2"), reference("v2"))
-
-    def test_inpainting_with_diffusers_loader(self):
-        from diffusers import StableDiffusionInpaintPipeline
-
-        path = self.export("v1-inpaint")
-        loaded = self.diffusers_loads(path, "v1-inpaint", StableDiffusionInpaintPipeline)
-        self.assertEqual(loaded.unet.config.in_channels, 9)
-        assertSameWeights(self, loaded, reference("v1-inpaint"))
-
-    def test_metadata_says_what_it_is(self):
-        with safe_open(str(self.export("v2-v")), "pt") as f:
-            metadata = f.metadata()
-        self.assertEqual(metadata["modelspec.prediction_type"], "v")
-        self.assertEqual(metadata["modelspec.architecture"], "stable-diffusion-v2-768-v")
-
-    def test_half(self):
-        path = self.export("v1", dtype=torch.float16)
-        with safe_open(str(path), "pt") as f:
-            self.assertEqual(f.get_tensor("model.diffusion_model.out.2.weight").dtype, torch.float16)
-
-    def test_never_overwrites(self):
-        path = self.export("v1")
-        before = path.read_bytes()
-        with self.assertRaises(convert.ConvertError) as caught:
-            convert.diffusers_to_single_file(fx.tiny_source("v2"), path)
-        self.assertIn("already exists", caught.exception.message)
-        self.assertEqual(path.read_bytes(), before)
-
-    def test_refuses_what_it_cannot_map(self):
-        dst = Path(self.mktemp()).absolute()
-        with self.assertRaises(convert.ConvertError):
-            convert.unet_to_ldm({"add_embedding.linear_1.weight": torch.zeros(1)},
-                                dict(block_out_channels=[4], layers_per_block=1, down_block_types=["DownBlock2D"],
-                                     up_block_types=["UpBlock2D"], addition_embed_type="text_time"))
-        with self.assertRaises(convert.ConvertError):
-            convert.diffusers_to_single_file(fx.tiny_source("v1"), dst.with_suffix(".ckpt"))
+from runai.test.library_fixtures import assertSameWeights, reference
+from runai.models.library import ModelLibrary
+from runai.test.support import make_server
 
 
 class ImportTests(SynchronousTestCase):
@@ -137,13 +59,13 @@ class ImportTests(SynchronousTestCase):
             self.assertEqual(steps, [(k, len(convert.STAGES)) for k in range(1, len(convert.STAGES) + 1)])
             back = StableDiffusionPipeline.from_pretrained(str(target), local_files_only=True, low_cpu_mem_usage=False)
             assertSameWeights(self, back, reference(kind))
-            self.assertEqual(library.classify_diffusers(target, self.models).version, version)
+            self.assertEqual(classify.classify_diffusers(target, self.models).version, version)
 
     def test_inpainting_folder_says_so(self):
         path = self.models / "v1" / "in.safetensors"
         convert.diffusers_to_single_file(fx.tiny_source("v1-inpaint"), path)
         self.convert(path, self.models / "v1" / "in")
-        c = library.classify_diffusers(self.models / "v1" / "in", self.models)
+        c = classify.classify_diffusers(self.models / "v1" / "in", self.models)
         self.assertEqual((c.inpainting, c.pipeline_class), (True, "StableDiffusionInpaintPipeline"))
 
     def test_cancel_and_failure_leave_nothing(self):
@@ -171,66 +93,6 @@ class ImportTests(SynchronousTestCase):
         with self.assertRaises(convert.ConvertError):
             self.convert(path, self.models / "v1" / "a")
         self.assertEqual(os.listdir(self.models / "v1" / "a"), [])
-
-
-class MoveIntoPlaceTests(SynchronousTestCase):
-    """Something that appears at the destination between the check and the rename is
-    never replaced."""
-
-    def setUp(self):
-        self.dir = Path(self.mktemp()).absolute()
-        self.dir.mkdir()
-
-    def appears_after_the_check(self, make):
-        real = convert._check_free
-
-        def check_free(dst, shown):
-            real(dst, shown)
-            make(Path(dst))
-
-        self.patch(convert, "_check_free", check_free)
-
-    def write_folder(self, temporary):
-        temporary.mkdir()
-        (temporary / "model_index.json").write_text("{}")
-
-    def test_a_folder_created_meanwhile(self):
-        dst = self.dir / "m"
-        self.appears_after_the_check(lambda path: path.mkdir())
-        with self.assertRaises(convert.ConvertError) as caught:
-            convert._write_then_rename(dst, "v1/m", self.write_folder)
-        self.assertIn("already exists", caught.exception.message)
-        self.assertEqual(os.listdir(self.dir), ["m"])
-        self.assertEqual(os.listdir(dst), [])
-
-    def test_a_file_created_meanwhile(self):
-        dst = self.dir / "m.safetensors"
-        self.appears_after_the_check(lambda path: path.write_bytes(b"theirs"))
-        with self.assertRaises(convert.ConvertError):
-            convert._write_then_rename(dst, "m.safetensors", lambda temporary: temporary.write_bytes(b"ours"))
-        self.assertEqual(os.listdir(self.dir), ["m.safetensors"])
-        self.assertEqual(dst.read_bytes(), b"theirs")
-
-    def test_without_hard_links(self):
-        def no_link(*args, **kwargs):
-            raise PermissionError(1, "Operation not permitted")
-
-        self.patch(os, "link", no_link)
-        dst = self.dir / "a.safetensors"
-        convert._write_then_rename(dst, "a.safetensors", lambda temporary: temporary.write_bytes(b"ours"))
-        self.assertEqual((os.listdir(self.dir), dst.read_bytes()), (["a.safetensors"], b"ours"))
-        dst = self.dir / "b.safetensors"
-        self.appears_after_the_check(lambda path: path.write_bytes(b"theirs"))
-        with self.assertRaises(convert.ConvertError):
-            convert._write_then_rename(dst, "b.safetensors", lambda temporary: temporary.write_bytes(b"ours"))
-        self.assertEqual(dst.read_bytes(), b"theirs")
-        self.assertEqual(sorted(os.listdir(self.dir)), ["a.safetensors", "b.safetensors"])
-
-    def test_in_place_when_free(self):
-        convert._write_then_rename(self.dir / "m", "m", self.write_folder)
-        convert._write_then_rename(self.dir / "f.safetensors", "f", lambda temporary: temporary.write_bytes(b"x"))
-        self.assertEqual(sorted(os.listdir(self.dir)), ["f.safetensors", "m"])
-        self.assertEqual(os.listdir(self.dir / "m"), ["model_index.json"])
 
 
 class RunRequestTests(SynchronousTestCase):
@@ -330,12 +192,14 @@ class ConvertActionTests(TestCase):
         shutil.copytree(fx.model_folder() / "runwayml", self.models / "runwayml")
         (self.models / "v1").mkdir()
         fx.write_lightning_ckpt(self.models / "v1" / "legacy.ckpt", fx.ldm_state("v1"))
-        self.worker = Worker(reactor, device="cpu", dtype="float32",
-                             engine_options=dict(model_dir=str(self.models), cache_models=2))
-        self.worker.start()
-        self.factory = RunaiFactory(self.worker, str(self.models), clock=reactor)
+        self.worker = LocalWorker(reactor, device="cpu", dtype="float32",
+                                  engine_options=dict(library=ModelLibrary(self.models), cache_models=2))
+        self.worker.startService()
+        self.queue, _, self.factory = make_server(reactor, str(self.models), self.worker,
+                                                  pool=reactor.getThreadPool())
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.addCleanup(self.worker.stop)
+        self.addCleanup(self.worker.stopService)
+        self.addCleanup(self.queue.stopService)
         self.addCleanup(self.port.stopListening)
 
     def talk(self, *requests):

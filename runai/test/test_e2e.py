@@ -23,8 +23,9 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai.core import errors
-from runai.doors.legacy.factory import RunaiFactory
-from runai.core.queue import Worker
+from runai.backends.local import LocalWorker
+from runai.models.library import ModelLibrary
+from runai.test.support import make_server
 
 P = 1024
 _models = None
@@ -110,11 +111,14 @@ class LiveServer:
     """A real server on 127.0.0.1 with its real worker thread, for trial TestCases."""
 
     def start_server(self, models, **factory_options):
-        self.worker = Worker(reactor, device="cpu", dtype="float32")
-        self.worker.start()
-        self.factory = RunaiFactory(self.worker, models, clock=reactor, **factory_options)
+        self.worker = LocalWorker(reactor, device="cpu", dtype="float32",
+                                  engine_options=dict(library=ModelLibrary(models)))
+        self.worker.startService()
+        self.queue, self.core, self.factory = make_server(reactor, models, self.worker,
+                                                          pool=reactor.getThreadPool(), **factory_options)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.addCleanup(self.worker.stop)
+        self.addCleanup(self.worker.stopService)
+        self.addCleanup(self.queue.stopService)
         self.addCleanup(self.port.stopListening)
 
     def in_thread(self, f, *args):
@@ -187,12 +191,12 @@ class EndToEndTests(LiveServer, TestCase):
         import threading
         import numpy as np
         threads_used = []
-        parse = self.factory._parse
+        parse = self.factory.parse
 
         def recording(payload):
             threads_used.append(threading.current_thread())
             return parse(payload)
-        self.factory._parse = recording
+        self.factory.parse = recording
         canvas = Image.fromarray(np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8))
         buf = io.BytesIO()
         canvas.save(buf, format="PNG")

@@ -1,4 +1,5 @@
-"""Tests for runai.engine.engine, on a tiny random-weight pipeline built once per test run.
+"""Tests for runai.engine.engine (and the device and precision it picks, runai.engine.device),
+on a tiny random-weight pipeline built once per test run.
 
 The images are noise; what is tested is the plumbing: sizes, seeds, determinism,
 progress, cancellation, scheduler switching and model (re)loading.

@@ -1,5 +1,5 @@
-"""runai.models.library and runai.models.paths: discovery, classification by content, best format,
-and the ``models`` action."""
+"""runai.models.library: discovery of the models in the model folder, their entries and the
+cache of classifications, and the ``models`` action."""
 
 import json
 import os
@@ -9,29 +9,15 @@ from pathlib import Path
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai.models import checkpoint
 from runai.core import errors
 from runai.models import library
-from runai.models.paths import resolve_model
-from runai.doors.legacy.factory import RunaiFactory
+from runai.backends.local import LocalWorker
+from runai.doors.legacy import replies
 from runai.test import library_fixtures as fx
-from runai.test.support import ManualPool, ScriptedEngine, SyncReactor, decode_all, frame
-from runai.core.queue import Worker
-
-
-def capture_warnings(test):
-    events = []
-
-    def observe(event):
-        if event.get("log_level") in (LogLevel.warn, LogLevel.error):
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    test.addCleanup(globalLogPublisher.removeObserver, observe)
-    return events
+from runai.test.support import ManualPool, ScriptedEngine, SyncReactor, decode_all, frame, make_server
 
 
 class ScanTests(SynchronousTestCase):
@@ -43,7 +29,7 @@ class ScanTests(SynchronousTestCase):
         entries = {e.name: e for e in self.library.scan()}
         self.assertEqual(sorted(entries), sorted(fx.EXPECTED))
         for name, (version, fmt, inpainting, prediction, served) in fx.EXPECTED.items():
-            wire = entries[name].to_wire()
+            wire = replies.model(entries[name])
             self.assertEqual(
                 (wire["version"], wire["format"], wire["inpainting"], wire["prediction_type"], wire["served"]),
                 (version, fmt, inpainting, prediction, served), name,
@@ -66,7 +52,7 @@ class ScanTests(SynchronousTestCase):
         self.assertEqual(entries["v2/vpred.safetensors"].sidecar, "v2/vpred.yaml")
 
     def test_weights_win_over_the_folder(self):
-        events = capture_warnings(self)
+        events = fx.capture_warnings(self)
         entry = library.ModelLibrary(self.models).describe(self.models / "v1" / "misplaced.safetensors")
         self.assertEqual(entry.version, "v2")
         self.assertTrue(any(e.get("hint") == "v1" and e.get("version") == "v2" for e in events), events)
@@ -108,7 +94,7 @@ class ScanTests(SynchronousTestCase):
         (models / "v1").mkdir(parents=True)
         (models / "v1" / "broken.safetensors").write_bytes(b"\x00" * 3)
         [entry] = library.ModelLibrary(models).scan()
-        wire = entry.to_wire()
+        wire = replies.model(entry)
         self.assertFalse(wire["served"])
         self.assertIn("too short", wire["error"])
 
@@ -171,17 +157,17 @@ class MalformedModelTests(SynchronousTestCase):
         entries = {e.name: e for e in lib.scan()}
         self.assertEqual(sorted(entries), ["v1/dictdim", "v1/good.safetensors", "v1/huge.ckpt",
                                            "v1/odd.safetensors", "v2/listdim.safetensors"])
-        good = entries["v1/good.safetensors"].to_wire()
+        good = replies.model(entries["v1/good.safetensors"])
         self.assertEqual((good["version"], good["served"], good.get("error")), ("v1", True, None))
         # Bad values in configs are ignored: the content decides.
         self.assertEqual((entries["v1/dictdim"].version, entries["v1/dictdim"].error), ("v1", None))
         listdim = entries["v2/listdim.safetensors"]
         self.assertEqual((listdim.version, listdim.sidecar, listdim.error), ("v2", "v2/listdim.yaml", None))
         # Unreadable files are listed, with why.
-        huge = entries["v1/huge.ckpt"].to_wire()
+        huge = replies.model(entries["v1/huge.ckpt"])
         self.assertFalse(huge["served"])
         self.assertIn("malformed pickle", huge["error"])
-        odd = entries["v1/odd.safetensors"].to_wire()
+        odd = replies.model(entries["v1/odd.safetensors"])
         self.assertFalse(odd["served"])
         self.assertIn("RuntimeError: surprise in v1/odd.safetensors", odd["error"])
         self.assertNotIn(str(self.models), odd["error"])
@@ -190,8 +176,8 @@ class MalformedModelTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_the_models_action_answers(self):
-        factory = RunaiFactory(Worker(SyncReactor(), engine_factory=lambda device, dtype: ScriptedEngine(),
-                                      pool=ManualPool()), self.models, clock=SyncReactor())
+        worker = LocalWorker(SyncReactor(), engine_factory=lambda device, dtype: ScriptedEngine(), pool=ManualPool())
+        _, _, factory = make_server(SyncReactor(), self.models, worker)
         proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         proto.makeConnection(transport)
@@ -201,184 +187,13 @@ class MalformedModelTests(SynchronousTestCase):
         self.flushLoggedErrors(RuntimeError)
 
 
-class RealLayoutTests(SynchronousTestCase):
-    """Header-only files with the released models' key names and shapes."""
-
-    def setUp(self):
-        self.dir = Path(self.mktemp()).absolute()
-
-    def classify(self, shapes, name="x.safetensors", metadata=None):
-        path = fx.write_header_only(self.dir / name, shapes, metadata=metadata)
-        tensors, meta = checkpoint.tensor_shapes(path)
-        return library.classify_state(tensors, meta)
-
-    def test_layout_matches_the_released_files(self):
-        sd15 = fx.real_layout("v1")
-        for key, shape in fx.KNOWN_SD15.items():
-            self.assertEqual(sd15.get(key), shape, key)
-        count = lambda prefix: sum(1 for k in sd15 if k.startswith(prefix))  # noqa: E731
-        # The counts of v1-5-pruned-emaonly: 686 UNet, 248 VAE, 197 text encoder tensors.
-        self.assertEqual(count("model.diffusion_model."), 686)
-        self.assertEqual(count("first_stage_model."), 248)
-        self.assertEqual(count("cond_stage_model."), 197)
-        sd21 = fx.real_layout("v2")
-        for key, shape in fx.KNOWN_SD21.items():
-            self.assertEqual(sd21.get(key), shape, key)
-
-    def test_sd15(self):
-        c = self.classify(fx.real_layout("v1"))
-        self.assertEqual((c.kind, c.version, c.inpainting, c.prediction_type), ("pipeline", "v1", False, "epsilon"))
-
-    def test_sd15_inpainting(self):
-        c = self.classify(fx.real_layout("v1", inpainting=True))
-        self.assertEqual((c.version, c.inpainting, c.in_channels), ("v1", True, 9))
-
-    def test_sd21(self):
-        c = self.classify(fx.real_layout("v2"))
-        # The weights alone do not tell 2.x-base from 768-v: left to configs and the load.
-        self.assertEqual((c.version, c.inpainting, c.prediction_type), ("v2", False, None))
-
-    def test_sd2_inpainting(self):
-        c = self.classify(fx.real_layout("v2", inpainting=True))
-        self.assertEqual((c.version, c.inpainting), ("v2", True))
-
-    def test_sdxl(self):
-        c = self.classify(fx.SDXL_BASE)
-        self.assertEqual((c.kind, c.version), ("pipeline", "sdxl"))
-
-    def test_sdxl_without_label_emb(self):
-        c = self.classify({k: v for k, v in fx.SDXL_BASE.items() if "label_emb" not in k})
-        self.assertEqual(c.version, "sdxl")
-
-    def test_unet_alone_by_context_width(self):
-        for width, version in ((768, "v1"), (1024, "v2"), (2048, "sdxl")):
-            shapes = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, width)}
-            self.assertEqual(self.classify(shapes).version, version)
-
-    def test_modelspec_prediction_type(self):
-        c = self.classify(fx.real_layout("v2"), metadata={"modelspec.prediction_type": "v"})
-        self.assertEqual(c.prediction_type, "v_prediction")
-
-    def test_v_pred_key(self):
-        c = self.classify(dict(fx.real_layout("v2"), v_pred=()))
-        self.assertEqual(c.prediction_type, "v_prediction")
-
-    def test_not_a_whole_model(self):
-        lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}
-        self.assertEqual(self.classify(lora).kind, "lora")
-        self.assertEqual(self.classify({"string_to_param.*": (1, 768)}).kind, "embedding")
-        self.assertEqual(self.classify({"something": (1,)}).kind, "unknown")
-
-    def test_folder_says_v1_weights_say_v2(self):
-        models = self.dir
-        fx.write_header_only(models / "v1" / "sd21.safetensors", fx.real_layout("v2"))
-        events = capture_warnings(self)
-        entry = library.ModelLibrary(models).describe(models / "v1" / "sd21.safetensors")
-        self.assertEqual(entry.version, "v2")
-        self.assertTrue(any("weights are" in e.get("log_format", "") for e in events))
-
-    def test_sidecar_says_v(self):
-        models = self.dir
-        fx.write_header_only(models / "v2" / "sd21-768.safetensors", fx.real_layout("v2"))
-        (models / "v2" / "sd21-768.yaml").write_text("model:\n  params:\n    parameterization: v\n")
-        entry = library.ModelLibrary(models).describe(models / "v2" / "sd21-768.safetensors")
-        self.assertEqual((entry.version, entry.classification.prediction_type), ("v2", "v_prediction"))
-        self.assertEqual(entry.to_wire()["config"], "v2/sd21-768.yaml")
-
-    def test_sidecar_without_parameterization_is_epsilon(self):
-        models = self.dir
-        fx.write_header_only(models / "v2" / "base.safetensors", fx.real_layout("v2"))
-        (models / "v2" / "base.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
-        entry = library.ModelLibrary(models).describe(models / "v2" / "base.safetensors")
-        self.assertEqual(entry.classification.prediction_type, "epsilon")
-
-    def test_sidecar_link_outside_is_ignored(self):
-        models = self.dir / "models"
-        fx.write_header_only(models / "v2" / "m.safetensors", fx.real_layout("v2"))
-        secret = self.dir / "secret.yaml"
-        secret.write_text("model:\n  params:\n    parameterization: v\n")
-        os.symlink(secret, models / "v2" / "m.yaml")
-        entry = library.ModelLibrary(models).describe(models / "v2" / "m.safetensors")
-        self.assertIsNone(entry.classification.prediction_type)
-        self.assertIsNone(entry.sidecar)
-
-    def test_classifying_a_huge_file_reads_its_header_only(self):
-        path = fx.write_header_only(self.dir / "big.safetensors", fx.real_layout("v1"), dtype="F32",
-                                    pad_to=8 * 2**30)
-        with fx.counting_reads() as counter:
-            entry = library.ModelLibrary(self.dir).describe(path)
-        self.assertEqual(entry.version, "v1")
-        self.assertLess(counter.bytes, 1024 * 1024)
-
-
-class DiffusersClassificationTests(SynchronousTestCase):
-    def test_tiny_folders(self):
-        models = fx.model_folder()
-        for rel, version in (("runwayml/stable-diffusion-v1-5", "v1"),
-                             ("stabilityai/stable-diffusion-2-1-base", "v2")):
-            c = library.classify_diffusers(models / rel, models)
-            self.assertEqual((c.kind, c.version, c.inpainting), ("pipeline", version, False), rel)
-
-    def test_inpainting_and_v_prediction(self):
-        inpaint = fx.tiny_source("v1-inpaint")
-        c = library.classify_diffusers(inpaint, inpaint)
-        self.assertEqual((c.version, c.inpainting, c.pipeline_class), ("v1", True, "StableDiffusionInpaintPipeline"))
-        vpred = fx.tiny_source("v2-v")
-        c = library.classify_diffusers(vpred, vpred)
-        self.assertEqual((c.version, c.prediction_type), ("v2", "v_prediction"))
-
-
-class BestFormatTests(SynchronousTestCase):
-    def setUp(self):
-        self.models = fx.model_folder()
-
-    def resolve(self, name, base=None):
-        path, display = resolve_model(self.models, name, base)
-        return display
-
-    def test_folder_then_safetensors_then_ckpt(self):
-        self.assertEqual(self.resolve("v1/both"), "v1/both")
-        self.assertEqual(self.resolve("v1/pair"), "v1/pair.safetensors")
-        self.assertEqual(self.resolve("v1/old"), "v1/old.ckpt")
-
-    def test_explicit_names_are_honoured(self):
-        self.assertEqual(self.resolve("v1/both.ckpt"), "v1/both.ckpt")
-        self.assertEqual(self.resolve("v1/both.safetensors"), "v1/both.safetensors")
-        self.assertEqual(self.resolve(str(self.models / "v1" / "pair.ckpt")), "v1/pair.ckpt")
-        self.assertEqual(self.resolve("pair.ckpt", str(self.models / "v1")), "v1/pair.ckpt")
-
-    def test_an_explicit_missing_file_is_not_replaced(self):
-        with self.assertRaises(errors.RunaiError) as caught:
-            self.resolve("v1/old.safetensors")
-        self.assertEqual(caught.exception.code, errors.MODEL_NOT_FOUND)
-
-    def test_not_found_says_what_was_looked_for(self):
-        with self.assertRaises(errors.RunaiError) as caught:
-            self.resolve("v1/nothing")
-        self.assertEqual(caught.exception.code, errors.MODEL_NOT_FOUND)
-        self.assertIn("v1/nothing.safetensors", caught.exception.message)
-
-    def test_links_and_escapes_are_refused(self):
-        for name in ("v1/outside", "v1/outside.safetensors", "../outside.safetensors", "../outside",
-                     str(self.models.parent / "outside.safetensors")):
-            with self.assertRaises(errors.RunaiError) as caught:
-                self.resolve(name)
-            self.assertEqual(caught.exception.code, errors.PATH_OUTSIDE_MODEL_DIR, name)
-
-    def test_other_files_are_not_models(self):
-        for name in ("v2/vpred.yaml", "v1/both/unet/config.json"):
-            with self.assertRaises(errors.RunaiError) as caught:
-                self.resolve(name)
-            self.assertEqual(caught.exception.code, errors.MODEL_NOT_FOUND, name)
-
-
 class ModelsActionTests(SynchronousTestCase):
     def setUp(self):
         self.models = fx.model_folder()
         self.reactor = SyncReactor()
         self.engine = ScriptedEngine()
-        self.worker = Worker(self.reactor, engine_factory=lambda device, dtype: self.engine, pool=ManualPool())
-        self.factory = RunaiFactory(self.worker, self.models, clock=self.reactor)
+        self.worker = LocalWorker(self.reactor, engine_factory=lambda device, dtype: self.engine, pool=ManualPool())
+        _, _, self.factory = make_server(self.reactor, self.models, self.worker)
 
     def ask(self, message):
         proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
@@ -446,9 +261,10 @@ class CacheSizeOptionTests(SynchronousTestCase):
         config.parseOptions(["--cache-size", "4GiB", "--model-dir", self.mktemp()])
         self.assertEqual((config["cache-models"], config["cache-bytes"]), (32, 4 * 2**30))
         service = tap.makeService(config, reactor=SyncReactor())
-        worker = next(s.worker for s in service if hasattr(s, "worker"))
-        self.assertEqual(worker.engine_options, dict(model_dir=config["model-dir"], cache_models=32,
-                                                     cache_bytes=4 * 2**30))
+        worker = next(s for s in service if hasattr(s, "engine_options"))
+        library = worker.engine_options.pop("library")
+        self.assertEqual(str(library.model_dir), config["model-dir"])
+        self.assertEqual(worker.engine_options, dict(cache_models=32, cache_bytes=4 * 2**30))
         with self.assertRaises(usage.UsageError):
             tap.Options().parseOptions(["--cache-size", "none"])
 

@@ -20,7 +20,8 @@ from runai.core import errors
 from runai.core import images as core_images
 from runai.engine import prompts
 from runai.engine.engine import Engine
-from runai.core.requests import Limits, parse_request
+from runai.core.requests import Limits
+from runai.doors.legacy.parse import parse_request
 from runai.core.schedulers import SCHEDULERS
 from runai.test.test_e2e import LiveServer
 
@@ -378,6 +379,6 @@ class SocketTests(LiveServer, TestCase):
         withheld = [m for m in replies if m.get("action") == "withheld"]
         self.assertEqual([(m["reason"], m["seed"]) for m in withheld], [("nsfw", 11)])
         shutil.rmtree(target)
-        self.factory.refuse_unchecked = True
+        self.core.refuse_unchecked = True
         [replies] = yield self.talk(request("txt2img", do_nsfw_filter=True))
         self.assertEqual(replies[-1]["error"]["code"], errors.SAFETY_CHECKER_MISSING)

@@ -1,4 +1,5 @@
-"""Tests for runai.models.paths: a client's model names never lead outside the model folder."""
+"""Tests for runai.models.paths: a client's model names never lead outside the model folder,
+and a name without an extension finds the best format there."""
 
 import os
 from pathlib import Path
@@ -7,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from runai.core import errors
 from runai.models.paths import MAX_NAME_LENGTH, resolve_model, safety_checker_path
+from runai.test import library_fixtures as fx
 
 
 class ResolveModelTests(SynchronousTestCase):
@@ -223,3 +225,47 @@ class SafetyCheckerPathTests(SynchronousTestCase):
         with self.assertRaises(errors.RunaiError) as caught:
             safety_checker_path(self.model_dir)
         self.assertEqual(caught.exception.code, errors.PATH_OUTSIDE_MODEL_DIR)
+
+
+class BestFormatTests(SynchronousTestCase):
+    def setUp(self):
+        self.models = fx.model_folder()
+
+    def resolve(self, name, base=None):
+        path, display = resolve_model(self.models, name, base)
+        return display
+
+    def test_folder_then_safetensors_then_ckpt(self):
+        self.assertEqual(self.resolve("v1/both"), "v1/both")
+        self.assertEqual(self.resolve("v1/pair"), "v1/pair.safetensors")
+        self.assertEqual(self.resolve("v1/old"), "v1/old.ckpt")
+
+    def test_explicit_names_are_honoured(self):
+        self.assertEqual(self.resolve("v1/both.ckpt"), "v1/both.ckpt")
+        self.assertEqual(self.resolve("v1/both.safetensors"), "v1/both.safetensors")
+        self.assertEqual(self.resolve(str(self.models / "v1" / "pair.ckpt")), "v1/pair.ckpt")
+        self.assertEqual(self.resolve("pair.ckpt", str(self.models / "v1")), "v1/pair.ckpt")
+
+    def test_an_explicit_missing_file_is_not_replaced(self):
+        with self.assertRaises(errors.RunaiError) as caught:
+            self.resolve("v1/old.safetensors")
+        self.assertEqual(caught.exception.code, errors.MODEL_NOT_FOUND)
+
+    def test_not_found_says_what_was_looked_for(self):
+        with self.assertRaises(errors.RunaiError) as caught:
+            self.resolve("v1/nothing")
+        self.assertEqual(caught.exception.code, errors.MODEL_NOT_FOUND)
+        self.assertIn("v1/nothing.safetensors", caught.exception.message)
+
+    def test_links_and_escapes_are_refused(self):
+        for name in ("v1/outside", "v1/outside.safetensors", "../outside.safetensors", "../outside",
+                     str(self.models.parent / "outside.safetensors")):
+            with self.assertRaises(errors.RunaiError) as caught:
+                self.resolve(name)
+            self.assertEqual(caught.exception.code, errors.PATH_OUTSIDE_MODEL_DIR, name)
+
+    def test_other_files_are_not_models(self):
+        for name in ("v2/vpred.yaml", "v1/both/unet/config.json"):
+            with self.assertRaises(errors.RunaiError) as caught:
+                self.resolve(name)
+            self.assertEqual(caught.exception.code, errors.MODEL_NOT_FOUND, name)

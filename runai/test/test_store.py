@@ -1,172 +1,38 @@
-"""The encrypted store: keys, schema and migrations, what reaches the disk, threads,
-and a real server killed while it writes.
+"""Tests for runai.history.store: what the store keeps and reads back, what reaches the
+disk, its thread, its life as a Service, and a real server killed while it writes.
+
+The key and the file's opening and migrations have their own tests (test_history_key,
+test_history_database); the helpers they share are in store_fixtures.
 
 Every test opens real SQLCipher files in its own temporary folder. The store's pool is
 swapped for a synchronous one (the reactor for one whose callFromThread runs at once),
-so most tests run its thread's work in line; one test runs the real thread.
+so most tests run its thread's work in line; StoreThreadTests run the real thread.
 """
 
-import hashlib
 import io
 import json
 import os
-import re
-import shutil
 import signal
-import sqlite3
 import stat
-import subprocess
-import sys
 import threading
-import time
 
 from PIL import Image
+from twisted.application import service
+from twisted.application.service import IService
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger, LogLevel
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from runai import tap
 from runai.core import errors
-from runai.history import store
+from runai.history import database, store
+from runai.history.database import StoreError
 from runai.client import BlockingClient
 from runai.core.images import EncodedImage
-from runai.core.requests import GenerationRequest
 from runai.test.support import FakeImage, ManualPool, SyncPool, SyncReactor
-
-KEY = store.Key("correct horse battery staple")
-PROMPT_MARKER = "zebra-lighthouse-7f3a9c"
-
-
-def request(prompt="a lighthouse", seed=42, rid="job-1", **extra):
-    fields = dict(action="txt2img", model_path="/home/me/stablediffusion/v1/tiny", model_name="v1/tiny",
-                  prompt=prompt, negative_prompt="fog", steps=3, seed=seed, width=64, height=64, id=rid)
-    fields.update(extra)
-    return GenerationRequest(**fields)
-
-
-def png(seed, size=64):
-    """A real PNG of noise (so that it does not compress away)."""
-    data = hashlib.sha256(str(seed).encode()).digest() * (size * size * 3 // 32 + 1)
-    out = io.BytesIO()
-    Image.frombytes("RGB", (size, size), data[:size * size * 3]).save(out, "PNG")
-    return out.getvalue()
-
-
-def digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def files_state(folder):
-    return {name: digest(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
-
-
-def raw_connect(path, key=KEY):
-    """A plain SQLCipher connection, outside runai's code paths."""
-    from sqlcipher3 import dbapi2
-    conn = dbapi2.connect(path, isolation_level=None)
-    conn.execute("PRAGMA cipher_log_level = NONE")
-    conn.execute("PRAGMA key = '{}'".format(key.reveal().replace("'", "''")))
-    return conn
-
-
-class StoreTestCase(SynchronousTestCase):
-    def setUp(self):
-        self.folder = os.path.realpath(self.mktemp())
-        os.makedirs(self.folder)
-        self.path = os.path.join(self.folder, "history.db")
-        self.clock = [1_700_000_000.0]
-
-    def now(self):
-        self.clock[0] += 1
-        return self.clock[0]
-
-    def open_store(self, pool=None, key=KEY, **kwargs):
-        s = store.Store(self.path, key, SyncReactor(), pool=pool or SyncPool(), now=self.now, **kwargs)
-        s.start()
-        self.addCleanup(s.stop)
-        return s
-
-    def result(self, d):
-        return self.successResultOf(d)
-
-    def record_done(self, s, req, seeds, pngs=None):
-        record = s.begin(req)
-        for index, seed in enumerate(seeds):
-            s.add_image(record, FakeImage(pngs[index] if pngs else png(seed), seed, 64, 64, index))
-        s.finish(record, "done", seconds=1.5)
-        return record
-
-
-class KeyTests(StoreTestCase):
-    def write(self, data):
-        name = os.path.join(self.folder, "key")
-        with open(name, "wb") as f:
-            f.write(data)
-        return name
-
-    def test_key_file_one_trailing_newline_stripped(self):
-        self.assertEqual(store.load_key(self.write(b"s3cret\n")).reveal(), "s3cret")
-        self.assertEqual(store.load_key(self.write(b"s3cret\r\n")).reveal(), "s3cret")
-        self.assertEqual(store.load_key(self.write(b" s3 cret \n\n")).reveal(), " s3 cret \n")
-        self.assertEqual(store.load_key(self.write("clé ünï".encode())).reveal(), "clé ünï")
-
-    def test_bad_key_files(self):
-        for data, words in ((b"", "empty"), (b"\n", "empty"), (b"\xff\xfe", "UTF-8"), (b"a\x00b", "NUL"),
-                            (b"k" * (store.MAX_KEY_BYTES + 1), "larger")):
-            with self.assertRaises(store.StoreError) as e:
-                store.load_key(self.write(data))
-            self.assertIn(words, str(e.exception))
-        with self.assertRaises(store.StoreError) as e:
-            store.load_key(os.path.join(self.folder, "missing"))
-        self.assertIn("cannot read the key file", str(e.exception))
-
-    def test_environment_and_precedence(self):
-        self.assertEqual(store.load_key(None, {"RUNAI_DB_KEY": "from-env"}).reveal(), "from-env")
-        self.assertEqual(store.load_key(self.write(b"from-file"), {"RUNAI_DB_KEY": "from-env"}).reveal(), "from-file")
-        with self.assertRaises(store.StoreError) as e:
-            store.load_key(None, {})
-        self.assertIn("--db-key-file", str(e.exception))
-        self.assertIn("RUNAI_DB_KEY", str(e.exception))
-        self.assertRaises(store.StoreError, store.load_key, None, {"RUNAI_DB_KEY": ""})
-
-    def test_key_never_shown(self):
-        key = store.Key("hunter2-very-secret")
-        self.assertNotIn("hunter2", repr(key) + str(key) + repr({"db-key": key}))
-
-    def parse(self, *args, env=None):
-        self.patch(os, "environ", dict(env or {}))
-        options = tap.Options()
-        options.parseOptions(list(args))
-        return options
-
-    def test_options(self):
-        options = self.parse("--db", self.path, env={"RUNAI_DB_KEY": "k"})
-        self.assertEqual((options["db"], options["db-key"].reveal()), (self.path, "k"))
-        options = self.parse("--db", self.path, "--db-key-file", self.write(b"filekey\n"))
-        self.assertEqual(options["db-key"].reveal(), "filekey")
-        self.assertIsNone(self.parse()["db-key"])
-        # Parsing opens no database and writes nothing.
-        self.assertFalse(os.path.exists(self.path))
-
-    def test_option_errors_are_usage_errors(self):
-        key_file = self.write(b"k")
-        for args, env, words in (
-            (["--db", self.path], {}, "needs a key"),
-            (["--db-key-file", key_file], {"RUNAI_DB_KEY": "k"}, "needs --db"),
-            (["--db", self.folder], {"RUNAI_DB_KEY": "k"}, "is a folder"),
-            (["--db", os.path.join(self.folder, "no", "such.db")], {"RUNAI_DB_KEY": "k"}, "does not exist"),
-            (["--db", self.path, "--db-key-file", key_file + "-missing"], {}, "cannot read"),
-        ):
-            with self.assertRaises(usage.UsageError) as e:
-                self.parse(*args, env=env)
-            self.assertIn(words, str(e.exception))
-
-    def test_no_key_option_on_the_command_line(self):
-        self.assertRaises(usage.UsageError, self.parse, "--db", self.path, "--db-key", "k",
-                          env={"RUNAI_DB_KEY": "k"})
+from runai.test.store_fixtures import (
+    KEY, PROMPT_MARKER, StoreTestCase, png, raw_connect, request, start_twistd, tiny_request,
+)
 
 
 class DatabaseTests(StoreTestCase):
@@ -232,7 +98,7 @@ class DatabaseTests(StoreTestCase):
         self.assertEqual([i["request_id"] for i in self.result(s.history(10))], [2])
         # The images went with it; a later request gets a new id, never the deleted one.
         self.record_done(s, request(seed=9), [9])
-        s.stop()
+        s.stopService()
         conn = raw_connect(self.path)
         self.assertEqual(conn.execute("SELECT request_id FROM images ORDER BY id").fetchall(), [(2,), (3,)])
         conn.close()
@@ -244,7 +110,7 @@ class DatabaseTests(StoreTestCase):
         s.add_image(record, FakeImage(png(1), 1, 64, 64, 0))
         s.finish(record, "done")
         self.assertEqual(self.result(s.history(10)), [])
-        s.stop()
+        s.stopService()
         conn = raw_connect(self.path)
         self.assertEqual(conn.execute("SELECT count(*) FROM images").fetchone(), (0,))
         conn.close()
@@ -254,7 +120,7 @@ class DatabaseTests(StoreTestCase):
         self.record_done(s, request(seed=1), [1])
         record = s.begin(request(seed=2))
         s.add_image(record, FakeImage(png(2), 2, 64, 64, 0))
-        s.stop()
+        s.stopService()
         s = self.open_store()
         statuses = [(i["status"], i["images"]) for i in self.result(s.history(10))]
         self.assertEqual(statuses, [("interrupted", 1), ("done", 1)])
@@ -269,8 +135,8 @@ class DatabaseTests(StoreTestCase):
                 self.assertEqual(stat.S_IMODE(os.stat(self.path + suffix).st_mode) & 0o077, 0)
         conn = raw_connect(self.path)
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], store.SCHEMA_VERSION)
-        self.assertEqual(conn.execute("PRAGMA application_id").fetchone()[0], store.APPLICATION_ID)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], database.SCHEMA_VERSION)
+        self.assertEqual(conn.execute("PRAGMA application_id").fetchone()[0], database.APPLICATION_ID)
         conn.close()
 
     def test_nothing_in_plaintext_on_disk(self):
@@ -289,142 +155,18 @@ class DatabaseTests(StoreTestCase):
                                b"lighthouse", b"txt2img", b"CREATE TABLE", b"SQLite format 3"):
                     self.assertNotIn(needle, data, f"{needle!r} readable in {name} ({when})")
         check("open")
-        s.stop()
+        s.stopService()
         check("closed")
 
     def test_persists_across_restarts(self):
         s = self.open_store()
         self.record_done(s, request(PROMPT_MARKER), [3], [png(3)])
-        s.stop()
+        s.stopService()
         s = self.open_store()
         [item] = self.result(s.history(1))
         self.assertEqual(item["prompt"], PROMPT_MARKER)
         [meta] = self.result(s.get(item["request_id"]))["image_list"]
         self.assertEqual(self.result(s.image(meta["image_id"])), png(3))
-
-
-class RefusalTests(StoreTestCase):
-    """Wrong key, foreign files, newer schemas: refused before anything is written."""
-
-    def make_database(self):
-        s = self.open_store()
-        self.record_done(s, request(), [1])
-        s.stop()
-
-    def assertRefused(self, words, key=KEY):
-        before = files_state(self.folder)
-        with self.assertRaises(store.StoreError) as e:
-            store.check(self.path, key)
-        self.assertIn(words, str(e.exception))
-        self.assertIn("left as it was", str(e.exception))
-        self.assertEqual(files_state(self.folder), before)
-        return str(e.exception)
-
-    def test_wrong_key(self):
-        self.make_database()
-        message = self.assertRefused("wrong key", store.Key("incorrect horse"))
-        self.assertNotIn("incorrect horse", message)
-        self.assertEqual(store.check(self.path, KEY), 1)
-
-    def test_wrong_key_after_a_crash_leaves_the_wal_alone(self):
-        # A snapshot of the files while a connection has uncheckpointed writes: what a
-        # killed server leaves. A read-write connection would fold the WAL in on close.
-        s = self.open_store()
-        self.record_done(s, request(), [1])
-        crashed = os.path.join(self.folder, "crashed")
-        os.makedirs(crashed)
-        for suffix in ("", "-wal", "-shm"):
-            shutil.copy(self.path + suffix, os.path.join(crashed, "history.db" + suffix))
-        s.stop()
-        self.folder, self.path = crashed, os.path.join(crashed, "history.db")
-        self.assertGreater(os.path.getsize(self.path + "-wal"), 0)
-        before = {name: digest(os.path.join(crashed, name)) for name in ("history.db", "history.db-wal")}
-        with self.assertRaises(store.StoreError):
-            store.check(self.path, store.Key("incorrect horse"))
-        after = {name: digest(os.path.join(crashed, name)) for name in ("history.db", "history.db-wal")}
-        self.assertEqual(after, before)
-        self.assertEqual(store.check(self.path, KEY), 1)
-
-    def test_not_a_database(self):
-        with open(self.path, "wb") as f:
-            f.write(os.urandom(8192))
-        self.assertRefused("wrong key, or not a runai database")
-
-    def test_plain_sqlite_file(self):
-        conn = sqlite3.connect(self.path)
-        conn.execute("CREATE TABLE t (x)")
-        conn.commit()
-        conn.close()
-        self.assertRefused("not a runai database")
-
-    def test_another_programs_sqlcipher_file(self):
-        conn = raw_connect(self.path)
-        conn.execute("CREATE TABLE notes (x)")
-        conn.close()
-        self.assertRefused("not a runai one")
-
-    def test_newer_schema(self):
-        self.make_database()
-        conn = raw_connect(self.path)
-        conn.execute(f"PRAGMA user_version = {store.SCHEMA_VERSION + 1}")
-        conn.close()
-        self.assertRefused("newer runai")
-
-    def test_not_a_regular_file(self):
-        os.makedirs(self.path)
-        self.assertRaises(store.StoreError, store.check, self.path, KEY)
-
-    def test_twistd_refuses_the_wrong_key_without_a_traceback(self):
-        self.make_database()
-        before = files_state(self.folder)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        env = dict(os.environ, RUNAI_DB_KEY="incorrect horse")
-        out = subprocess.run(
-            [twistd, "--nodaemon", "--pidfile=", "--logfile=-", "runai", "--port", "0",
-             "--model-dir", self.folder, "--device", "cpu", "--db", self.path],
-            capture_output=True, text=True, timeout=60, env=env, cwd=self.folder,
-        )
-        self.assertNotEqual(out.returncode, 0)
-        self.assertIn("wrong key", out.stderr)
-        self.assertNotIn("Traceback", out.stdout + out.stderr)
-        self.assertNotIn("incorrect horse", out.stdout + out.stderr)
-        self.assertNotIn("listening", out.stdout)
-        self.assertEqual(files_state(self.folder), before)
-
-
-class MigrationTests(StoreTestCase):
-    def test_new_file_gets_the_current_schema(self):
-        self.assertEqual(store.check(self.path, KEY), 0)
-        conn = raw_connect(self.path)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], store.SCHEMA_VERSION)
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.assertTrue({"requests", "images"} <= tables)
-        conn.close()
-
-    def test_later_migrations_apply_in_order_and_keep_the_data(self):
-        s = self.open_store()
-        self.record_done(s, request(PROMPT_MARKER), [1])
-        s.stop()
-
-        def backfill(conn):
-            conn.execute("UPDATE requests SET note = 'from v2'")
-        migrations = store.MIGRATIONS + (("ALTER TABLE requests ADD COLUMN note TEXT",), backfill)
-        conn = store.open_database(self.path, KEY, migrations)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], store.SCHEMA_VERSION + 2)
-        self.assertEqual(conn.execute("SELECT prompt, note FROM requests").fetchall(), [(PROMPT_MARKER, "from v2")])
-        conn.close()
-        store.open_database(self.path, KEY, migrations).close()  # nothing left to do
-        # This runai does not know version 3: it refuses rather than guess.
-        self.assertRaises(store.StoreError, store.check, self.path, KEY)
-
-    def test_a_failed_migration_is_rolled_back(self):
-        store.check(self.path, KEY)
-        migrations = store.MIGRATIONS + (("CREATE TABLE extra (x)", "THIS IS NOT SQL"),)
-        self.assertRaises(store.StoreError, store.open_database, self.path, KEY, migrations)
-        conn = raw_connect(self.path)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], store.SCHEMA_VERSION)
-        self.assertEqual(conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'").fetchone(), (0,))
-        conn.close()
 
 
 class OffTheHotPathTests(StoreTestCase):
@@ -469,10 +211,10 @@ class OffTheHotPathTests(StoreTestCase):
     def test_writes_after_stop_are_dropped(self):
         s = self.open_store()
         record = s.begin(request())
-        s.stop()
+        s.stopService()
         s.add_image(record, FakeImage(png(1), 1, 64, 64, 0))
         s.finish(record, "done")
-        self.failureResultOf(s.history(1), store.StoreError)
+        self.failureResultOf(s.history(1), StoreError)
 
     def test_a_failed_write_is_logged_and_the_store_goes_on(self):
         s = self.open_store()
@@ -499,8 +241,8 @@ class StoreThreadTests(TestCase):
             threads.append(threading.current_thread())
             return real_run(f, *args)
         s._run = run
-        s.start()
-        self.addCleanup(s.stop)
+        s.startService()
+        self.addCleanup(s.stopService)
         record = s.begin(request())
         s.add_image(record, FakeImage(png(1), 1, 64, 64, 0))
         s.finish(record, "done", seconds=0.1)
@@ -511,46 +253,74 @@ class StoreThreadTests(TestCase):
         self.assertIsNot(threads[0], threading.main_thread())
         self.assertIn("runai-store", threads[0].name)
 
+    def test_stop_service_writes_what_is_queued_then_closes(self):
+        folder = os.path.realpath(self.mktemp())
+        os.makedirs(folder)
+        path = os.path.join(folder, "h.db")
+        s = store.Store(path, KEY, reactor)
+        s.startService()
+        record = s.begin(request())
+        for index in range(4):
+            s.add_image(record, FakeImage(png(index), index, 64, 64, index))
+        s.finish(record, "done")
+        s.stopService()  # returns once the thread has run every call and stopped
+        self.assertFalse(os.path.exists(path + "-wal"))
+        conn = raw_connect(path)
+        self.assertEqual(conn.execute("SELECT status FROM requests").fetchall(), [("done",)])
+        self.assertEqual(conn.execute("SELECT count(*) FROM images").fetchone(), (4,))
+        conn.close()
+
+
+class ServiceTests(StoreTestCase):
+    """The store is a Service: ``twistd runai --db`` starts it first and stops it last."""
+
+    def test_in_a_service_tree_it_writes_what_later_services_record_on_their_way_out(self):
+        pool = ManualPool()
+        s = store.Store(self.path, KEY, SyncReactor(), pool=pool, now=self.now)
+        self.assertTrue(IService.providedBy(s))
+        top = service.MultiService()
+        s.setServiceParent(top)
+        records = []
+
+        class Worker(service.Service):
+            """Fails its running job as it stops, as the real worker does."""
+
+            def stopService(self):
+                s.failed(records[0], errors.JobCancelled())
+                return super().stopService()
+
+        Worker().setServiceParent(top)
+        self.assertFalse(s.running)
+        top.startService()
+        self.assertTrue(s.running and pool.started)
+        records.append(s.begin(request()))
+        self.successResultOf(top.stopService())
+        self.assertFalse(s.running)
+        self.assertTrue(pool.stopped)
+        # The thread runs what was queued before it stopped: the open, the request, the
+        # outcome the worker recorded while it stopped, and last the close.
+        while pool.calls:
+            pool.run_one()
+        self.assertFalse(os.path.exists(self.path + "-wal"))  # closed: the WAL is folded in
+        conn = raw_connect(self.path)
+        self.assertEqual(conn.execute("SELECT status, error_code FROM requests").fetchall(),
+                         [("cancelled", errors.CANCELLED)])
+        conn.close()
+
+    def test_start_and_stop_without_a_parent(self):
+        pool = ManualPool()
+        s = store.Store(self.path, KEY, SyncReactor(), pool=pool, now=self.now)
+        s.startService()
+        self.assertTrue(s.running and pool.started)
+        s.stopService()
+        self.assertFalse(s.running)
+        self.assertTrue(pool.stopped)
+        queued = len(pool.calls)
+        s.stopService()  # a second stop queues nothing
+        self.assertEqual(len(pool.calls), queued)
+
 
 # A real server, killed mid-write ---------------------------------------------------------
-
-def tiny_models():
-    """The tiny model folder shared by the end-to-end tests (read only)."""
-    from runai.test.test_e2e import tiny_model_dir
-    return tiny_model_dir()
-
-
-def start_twistd(testcase, *args, env=None, cwd=None, stderr=None):
-    """``twistd runai`` on a free port; returns (process, port, log file). Logs go to a
-    file so that a chatty server never blocks on a full pipe."""
-    logs = os.path.realpath(testcase.mktemp())
-    os.makedirs(logs)
-    log_path = os.path.join(logs, "server.log")
-    log = open(log_path, "w")
-    testcase.addCleanup(log.close)
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    server = subprocess.Popen(
-        [twistd, "--nodaemon", "--pidfile=", "--logfile=-", "runai", "--port", "0",
-         "--model-dir", tiny_models(), "--device", "cpu", *args],
-        cwd=cwd or logs, env=env, stdout=log, stderr=stderr or subprocess.STDOUT,
-    )
-    testcase.addCleanup(lambda: server.poll() is None and server.kill())
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and server.poll() is None:
-        with open(log_path) as f:
-            found = re.search(r"runai listening on 127\.0\.0\.1:(\d+)", f.read())
-        if found:
-            return server, int(found.group(1)), log_path
-        time.sleep(0.05)
-    with open(log_path) as f:
-        testcase.fail(f"the server did not start:\n{f.read()}")
-
-
-def tiny_request(prompt, seed, n_samples=1, n_iter=1, rid=None):
-    from runai.client import txt2img_request
-    return txt2img_request(prompt, "v1/tiny", request_id=rid, steps=1, seed=seed, width=64, height=64,
-                           n_samples=n_samples, n_iter=n_iter)
-
 
 class KilledServerTests(SynchronousTestCase):
     def test_sigkill_while_storing_images(self):
@@ -614,10 +384,10 @@ class KilledServerTests(SynchronousTestCase):
 
         # The next start marks the interrupted request; the file is still sound.
         s = store.Store(path, KEY, SyncReactor(), pool=SyncPool())
-        s.start()
+        s.startService()
         items = self.successResultOf(s.history(10))
         self.assertEqual([i["status"] for i in items], ["interrupted", "done", "done"])
-        s.stop()
+        s.stopService()
         conn = raw_connect(path)
         self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
         conn.close()

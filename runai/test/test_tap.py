@@ -63,9 +63,9 @@ class OptionsTests(SynchronousTestCase):
         service = tap.makeService(options, reactor=reactor)
         self.assertTrue(IService.providedBy(service))
         names = [type(s).__name__ for s in service]
-        self.assertEqual(names, ["WorkerService", "ListenService"])
+        self.assertEqual(names, ["LocalWorker", "JobQueue", "StreamServerEndpointService"])
         # Nothing heavy was imported to build it: torch loads in the worker thread.
-        listen = list(service)[1]
+        listen = list(service)[2]
         self.assertEqual(listen.factory.packet_size, 1024)
         self.assertIsNotNone(listen.factory.auto_shutdown)
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: runai.test.test_framing -*-
 """The legacy runai packet framing, sans-IO: bytes in, events out.
 
 A message is UTF-8 JSON cut into packets of P bytes, the last one padded with NUL bytes,

@@ -1,8 +1,9 @@
+# -*- test-case-name: runai.test.test_legacy_history -*-
 """The history actions over the socket: ``history``, ``history_get``, ``history_delete``.
 
 Parsing is torch-free and store-free, like the rest of request validation: bad input is
 answered at once, every size the client controls is bounded. Answering needs the
-factory's store (:mod:`runai.store`), which exists only when the server runs with
+server's store (:mod:`runai.history.store`), which exists only when the server runs with
 ``--db``; without it the actions are answered with the error ``no_store``.
 
 Wire formats (each reply carries ``reqtype`` and the client's ``id``)::
@@ -38,6 +39,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
 from runai.core import errors
+from runai.doors.legacy import replies
 
 HISTORY_ACTIONS = ("history", "history_get", "history_delete")
 DEFAULT_LIMIT = 50
@@ -74,43 +76,19 @@ class HistoryDelete:
 HistoryRequest = (HistoryList, HistoryGet, HistoryDelete)
 
 
-def _field(obj, name):
-    """A field at the top level, or else in ``options`` (with or without the action prefix)."""
-    if name in obj:
-        return obj[name]
-    options = obj.get("options")
-    if isinstance(options, dict):
-        for key in (f"{obj.get('action')}_{name}", name):
-            if key in options:
-                return options[key]
-    return None
-
-
-def _integer(obj, name, low, high, default=None, required=False):
-    value = _field(obj, name)
-    if value is None:
-        if required:
-            raise errors.RunaiError(errors.BAD_REQUEST, f"missing {name!r}")
-        return default
-    return errors.check_integer(value, repr(name), low, high)
-
-
-def parse_history(action, obj, rid=None):
-    """A validated history request; raises :class:`runai.core.errors.RunaiError`."""
+def parse_history(fields, rid=None):
+    """A validated history request from its :class:`runai.core.fields.Fields`; raises
+    :class:`runai.core.errors.RunaiError`."""
+    action = fields.action
     if action == "history":
-        query = _field(obj, "query")
-        if query is not None:
-            if not isinstance(query, str):
-                raise errors.RunaiError(errors.BAD_REQUEST, "'query' must be a string")
-            if len(query) > MAX_QUERY_CHARS:
-                raise errors.RunaiError(errors.OUT_OF_RANGE, f"'query' is longer than {MAX_QUERY_CHARS} characters")
+        query = fields.string("query", default="", max_chars=MAX_QUERY_CHARS)
         return HistoryList(
-            limit=_integer(obj, "limit", 1, MAX_LIMIT, default=DEFAULT_LIMIT),
-            before=_integer(obj, "before", 1, MAX_REQUEST_ID),
+            limit=fields.integer("limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+            before=fields.integer("before", None, 1, MAX_REQUEST_ID),
             query=query or None,
             id=rid,
         )
-    request_id = _integer(obj, "request_id", 1, MAX_REQUEST_ID, required=True)
+    request_id = fields.integer("request_id", None, 1, MAX_REQUEST_ID, required=True)
     if action == "history_get":
         return HistoryGet(request_id=request_id, id=rid)
     if action == "history_delete":
@@ -120,95 +98,94 @@ def parse_history(action, obj, rid=None):
 
 # Answers (reactor thread) ------------------------------------------------------------
 
-def answer(store, proto, request):
-    """Answer a history request on ``proto``; the store's reads run on its own thread."""
+def answer(store, session, request):
+    """Answer a history request for ``session`` (a :class:`runai.doors.legacy.session.Session`);
+    the store's reads run on its own thread."""
     if store is None:
-        proto.send_error(
+        session.send_error(
             errors.RunaiError(errors.NO_STORE, "this server keeps no history; start it with --db to keep one"),
             request.action, request.id)
         return None
-    if isinstance(request, HistoryGet) and getattr(proto, "history_get", None) is not None:
-        proto.send_error(
+    if isinstance(request, HistoryGet) and session.history_get is not None:
+        session.send_error(
             errors.RunaiError(errors.QUEUE_FULL, "a history_get is still being sent on this connection; "
                                                  "ask for the next one after its 'done'"),
             request.action, request.id)
         return None
     handler = {HistoryList: _list, HistoryGet: _get, HistoryDelete: _delete}[type(request)]
-    d = handler(store, proto, request)
-    d.addErrback(_failed, proto, request)
+    d = handler(store, session, request)
+    d.addErrback(_failed, session, request)
     return d
 
 
-def _reply(proto, request, message):
-    message.setdefault("reqtype", request.action)
-    message["id"] = request.id
-    proto.send_message(message)
+def _reply(session, request, message):
+    session.send(replies.of_request(request, message))
 
 
 @inlineCallbacks
-def _list(store, proto, request):
+def _list(store, session, request):
     # One more than asked tells whether an older page exists.
     items = yield store.history(request.limit + 1, request.before, request.query)
     more = len(items) > request.limit
     items = items[:request.limit]
-    _reply(proto, request, {
+    _reply(session, request, {
         "action": "history", "items": items,
         "next_before": items[-1]["request_id"] if more else None,
     })
 
 
 @inlineCallbacks
-def _get(store, proto, request):
-    proto.history_get = request
+def _get(store, session, request):
+    session.history_get = request
     try:
-        yield _send_item(store, proto, request)
+        yield _send_item(store, session, request)
     finally:
-        if proto.history_get is request:
-            proto.history_get = None
+        if session.history_get is request:
+            session.history_get = None
 
 
 @inlineCallbacks
-def _send_item(store, proto, request):
+def _send_item(store, session, request):
     item = yield store.get(request.request_id)
     if item is None:
-        proto.send_error(errors.RunaiError(errors.NOT_FOUND, f"no request {request.request_id} in the history"),
+        session.send_error(errors.RunaiError(errors.NOT_FOUND, f"no request {request.request_id} in the history"),
                          request.action, request.id)
         return
     image_list = item.pop("image_list")
-    _reply(proto, request, {"action": "history_get", "item": item})
+    _reply(session, request, {"action": "history_get", "item": item})
     params = item["params"]
     sent = 0
     # One image at a time: a request of 128 large images never sits in memory whole, and
     # each is read only once the client has read what was sent before it.
     for meta in image_list:
-        yield proto.when_writable()
-        if proto.closing:
+        yield session.when_writable()
+        if session.closing:
             return
         png = yield store.image(meta["image_id"])
         if png is None:  # deleted meanwhile
             continue
-        _reply(proto, request, {
+        _reply(session, request, {
             "image": base64.b64encode(png).decode("ascii"), "reqtype": item["action"],
             "pos_x": params.get("pos_x", 0), "pos_y": params.get("pos_y", 0),
             "seed": meta["seed"], "width": meta["width"], "height": meta["height"], "index": meta["index"],
             "request_id": item["request_id"],
         })
         sent += 1
-    _reply(proto, request, {"action": "done", "images": sent})
+    _reply(session, request, {"action": "done", "images": sent})
 
 
 @inlineCallbacks
-def _delete(store, proto, request):
+def _delete(store, session, request):
     deleted = yield store.delete(request.request_id)
     if not deleted:
-        proto.send_error(errors.RunaiError(errors.NOT_FOUND, f"no request {request.request_id} in the history"),
+        session.send_error(errors.RunaiError(errors.NOT_FOUND, f"no request {request.request_id} in the history"),
                          request.action, request.id)
         return
     log.info("History: request {request_id} deleted", request_id=request.request_id)
-    _reply(proto, request, {"action": "history_delete", "request_id": request.request_id, "deleted": True})
+    _reply(session, request, {"action": "history_delete", "request_id": request.request_id, "deleted": True})
 
 
-def _failed(failure, proto, request):
+def _failed(failure, session, request):
     log.failure("History action {action} failed", failure, action=request.action)
-    proto.send_error(errors.RunaiError(errors.INTERNAL, "the history database failed; see the server's log"),
+    session.send_error(errors.RunaiError(errors.INTERNAL, "the history database failed; see the server's log"),
                      request.action, request.id)

@@ -1,7 +1,9 @@
-"""The server side of a connection: framing in and out, limits, and nothing else.
+# -*- test-case-name: runai.test.test_legacy_protocol -*-
+"""The server side of a legacy connection: framing in and out, limits, backpressure.
 
-Requests are handed to the factory (:class:`runai.doors.legacy.factory.RunaiFactory`), which owns the
-queue; this class only turns bytes into messages and replies into bytes.
+Messages go to the connection's :class:`runai.doors.legacy.session.Session`, which owns
+the connection's state and its requests; this class only turns bytes into messages and
+replies into bytes.
 
 Backpressure: the protocol is its transport's streaming producer. When the client stops
 reading and the transport's buffer fills, Twisted pauses it, and it stops reading (and
@@ -20,7 +22,8 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from runai.core import errors
-from runai.doors.legacy import framing
+from runai.doors.legacy import framing, replies
+from runai.doors.legacy.session import Session
 
 
 @implementer(IPushProducer)
@@ -29,11 +32,10 @@ class RunaiProtocol(Protocol, TimeoutMixin):
 
     def __init__(self):
         self.decoder = None
+        self.session = None
         self.closing = False
-        self.jobs = {}  # the client's id -> Job, for jobs queued or running
         # Backpressure: paused while the transport's buffer is full (the client is not reading).
         self.paused = False
-        self.history_get = None  # the history_get being sent now: one at a time per connection
         self._producer = False  # registered with the transport as its producer
         self._events = collections.deque()  # decoded, not yet handled: held while paused
         self._handling = False
@@ -52,8 +54,9 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         except (AttributeError, OSError):
             pass
         self.decoder = framing.Decoder(factory.packet_size, factory.max_message_size)
-        # The factory's clock, so that tests drive idle timeouts with a task.Clock.
-        self.callLater = factory.clock.callLater
+        self.session = Session(self, factory)
+        # The factory's reactor, so that tests drive idle timeouts with a task.Clock.
+        self.callLater = factory.reactor.callLater
         self.transport.registerProducer(self, True)
         self._producer = True
         factory.client_connected(self)
@@ -87,15 +90,15 @@ class RunaiProtocol(Protocol, TimeoutMixin):
             while self._events and not self.paused and not self.closing and self._parsing is None:
                 event = self._events.popleft()
                 if isinstance(event, framing.Message):
-                    parsing = self.factory.message_received(self, event.payload)
+                    parsing = self.session.message(event.payload)
                     if isinstance(parsing, defer.Deferred) and not parsing.called:
                         # Requests are answered in order: the next waits for this one.
                         self._parsing = parsing
                         parsing.addBoth(self._parsed)
                 elif event is framing.CANCEL:
-                    self.factory.cancel_running(self)
+                    self.session.cancel_running()
                 elif event is framing.QUIT:
-                    self.factory.quit_requested(self)
+                    self.session.quit()
         finally:
             self._handling = False
 
@@ -119,6 +122,8 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         self._unregister()
         self._events.clear()
         self._release_writers()
+        if self.session is not None:
+            self.session.lost()
         self.factory.client_lost(self)
 
     # IPushProducer: called by the transport ---------------------------------------------
@@ -182,11 +187,7 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         self.transport.write(framing.encode(payload, self.factory.packet_size))
 
     def send_error(self, error, reqtype=None, request_id=None):
-        self.send_message({
-            "error": {"code": error.code, "message": error.message},
-            "reqtype": reqtype,
-            "id": request_id,
-        })
+        self.send_message(replies.error(error, reqtype, request_id))
 
     def close(self):
         if not self.closing:

@@ -1,4 +1,5 @@
-"""Tests for runai.core.requests: decoding and validating client requests."""
+"""Tests for runai.doors.legacy.parse: decoding and validating legacy requests, down to the
+core's checks of every value (runai.core.requests, runai.core.fields)."""
 
 import json
 import os
@@ -7,16 +8,8 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai.core import errors
-from runai.core.requests import (
-    MAX_ID_LENGTH,
-    MAX_SEED,
-    Cancel,
-    GenerationRequest,
-    Limits,
-    Ping,
-    decode_message,
-    parse_request,
-)
+from runai.core.requests import MAX_SEED, GenerationRequest, Limits
+from runai.doors.legacy.parse import MAX_ID_LENGTH, Cancel, Ping, decode_message, parse_request
 from runai.core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 

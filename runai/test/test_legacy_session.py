@@ -1,146 +1,20 @@
-"""The server protocol and queue, driven through StringTransport and a Clock."""
+"""runai.doors.legacy.session: a connection's requests, its token, its jobs' replies,
+cancels and disconnects, on the real core and queue with a scripted engine."""
 
 from runai.core import errors
-from runai.doors.legacy import framing
 from runai.client import txt2img_request
 from runai.doors.legacy.factory import AutoShutdown
-from runai.test.support import FactoryTestCase, frame
+from runai.doors.legacy.session import Session
+from runai.test.support import ServerTestCase, frame
 
 P = 1024
 
 
-class ServerTestCase(FactoryTestCase):
-    auto_shutdown = False
-
-    def factory_options(self):
-        self.stopped = []
-        return dict(stop=lambda: self.stopped.append(True), idle_timeout=30, auto_shutdown=self.auto_shutdown,
-                    timeout=10)
-
-    def request(self, **options):
-        options.setdefault("steps", 3)
-        return txt2img_request("a lighthouse", "v1/tiny", **options)
-
-
-class FramingTests(ServerTestCase):
-    def test_ping(self):
-        proto, transport = self.connect()
-        proto.dataReceived(frame({"action": "ping", "id": 7}))
-        [pong] = self.replies(transport)
-        self.assertEqual(pong["action"], "pong")
-        self.assertEqual(pong["id"], 7)
-        self.assertEqual((pong["queued"], pong["busy"]), (0, False))
-        self.assertIn("version", pong)
-
-    def test_replies_are_whole_packets(self):
-        proto, transport = self.connect()
-        proto.dataReceived(frame({"action": "ping", "pad": "y" * 3000}))
-        data = transport.value()
-        self.assertEqual(len(data) % P, 0)
-        self.assertEqual(data[-P:], bytes(P))
-
-    def test_one_byte_at_a_time(self):
-        proto, transport = self.connect()
-        for byte in frame({"action": "ping", "id": "a"}) + frame({"action": "ping", "id": "b"}):
-            proto.dataReceived(bytes([byte]))
-        self.assertEqual([m["id"] for m in self.replies(transport)], ["a", "b"])
-
-    def test_bad_input_then_still_serving(self):
-        proto, transport = self.connect()
-        cases = [
-            (framing.encode(b"\xff\xfe not utf-8"), errors.BAD_ENCODING),
-            (frame("not an object"), errors.BAD_JSON),
-            (framing.encode(b"{not json"), errors.BAD_JSON),
-            (framing.encode(b'{"a": ' * 100000), errors.BAD_JSON),
-            (frame({"action": "fly"}), errors.UNKNOWN_ACTION),
-            (frame({"options": {}}), errors.BAD_REQUEST),
-            (frame(self.request(steps=-1)), errors.OUT_OF_RANGE),
-            (frame(self.request(steps="20")), errors.BAD_REQUEST),
-            (frame(self.request(width=10**9)), errors.OUT_OF_RANGE),
-            (frame(txt2img_request("x", "../../etc")), errors.PATH_OUTSIDE_MODEL_DIR),
-            (frame(txt2img_request("x", "/etc/passwd")), errors.PATH_OUTSIDE_MODEL_DIR),
-            (frame(txt2img_request("x", "v1/missing")), errors.MODEL_NOT_FOUND),
-            (frame(self.request(scheduler="warp")), errors.UNKNOWN_SCHEDULER),
-        ]
-        for data, code in cases:
-            proto.dataReceived(data)
-            [reply] = self.replies(transport)
-            self.assertEqual(reply["error"]["code"], code, reply)
-            self.assertTrue(reply["error"]["message"])
-            self.assertFalse(transport.disconnecting)
-        proto.dataReceived(frame({"action": "ping"}))
-        self.assertEqual(self.replies(transport)[0]["action"], "pong")
-        self.assertEqual(self.engine.requests, [])
-
-    def test_error_echoes_reqtype_and_id(self):
-        proto, transport = self.connect()
-        bad = self.request(steps=0)
-        bad["id"] = "job-1"
-        proto.dataReceived(frame(bad))
-        [reply] = self.replies(transport)
-        self.assertEqual((reply["reqtype"], reply["id"]), ("txt2img", "job-1"))
-
-    def test_oversized_message_refused_and_closed(self):
-        self.factory.max_message_size = 4 * P
-        proto, transport = self.connect()
-        data = b"{" + b"a" * (20 * P)
-        # As TCP delivers it, a read at a time: the refusal comes before the whole is held.
-        for i in range(0, len(data), P):
-            proto.dataReceived(data[i:i + P])
-        [reply] = self.replies(transport)
-        self.assertEqual(reply["error"]["code"], errors.MESSAGE_TOO_LARGE)
-        self.assertTrue(transport.disconnecting)
-        self.assertLessEqual(proto.decoder.buffered, 4 * P + 2 * P)
-
-    def test_half_a_message_then_silence(self):
-        proto, transport = self.connect()
-        proto.dataReceived(frame({"action": "ping"})[:P // 2])
-        self.reactor.advance(29)
-        self.assertFalse(transport.disconnecting)
-        self.reactor.advance(1)
-        [reply] = self.replies(transport)
-        self.assertEqual(reply["error"]["code"], errors.IDLE_TIMEOUT)
-        self.assertTrue(transport.disconnecting)
-
-    def test_silence_between_messages_is_fine(self):
-        proto, transport = self.connect()
-        proto.dataReceived(frame({"action": "ping"}))
-        self.reactor.advance(3600)
-        self.assertFalse(transport.disconnecting)
-
-    def test_trickle_resets_idle_timer(self):
-        proto, transport = self.connect()
-        data = frame({"action": "ping"})
-        for i in range(0, len(data), 100):
-            proto.dataReceived(data[i:i + 100])
-            self.reactor.advance(20)
-        self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.replies(transport)[0]["action"], "pong")
-
-    def test_quit_packet_closes_connection_only(self):
-        proto, transport = self.connect()
-        proto.dataReceived(b"x" * P)
-        self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.stopped, [])
-
-    def test_control_bytes_inside_a_message_are_data(self):
-        proto, transport = self.connect()
-        # "pad" is placed so that whole packets of x and c fall on packet boundaries.
-        prefix = '{"action": "ping", "pad": "'
-        pad = "x" * (P - len(prefix)) + "x" * P + "c" * P
-        proto.dataReceived(frame({"action": "ping", "pad": pad}))
-        self.assertEqual(frame({"action": "ping", "pad": pad})[P:2 * P], b"x" * P)
-        [pong] = self.replies(transport)
-        self.assertEqual(pong["action"], "pong")
-        self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.stopped, [])
-
-
 class RobustnessTests(ServerTestCase):
     def test_a_bug_costs_one_request_not_the_connection(self):
-        def broken(proto, job_id):
+        def broken(session, job_id):
             raise RuntimeError("a bug")
-        self.factory.cancel = broken
+        self.patch(Session, "cancel", broken)
         proto, transport = self.connect()
         proto.dataReceived(frame({"action": "cancel", "id": 1}))
         [reply] = self.replies(transport)
@@ -162,7 +36,7 @@ class RobustnessTests(ServerTestCase):
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
         pixels = base64.b64encode(buf.getvalue()).decode()
-        self.factory.max_queued_input_bytes_per_client = len(buf.getvalue()) * 2
+        self.core.max_queued_input_bytes_per_owner = len(buf.getvalue()) * 2
         proto, transport = self.connect()
         for _ in range(3):
             request = txt2img_request("x", "v1/tiny", steps=3)
@@ -230,7 +104,7 @@ class QueueTests(ServerTestCase):
         from twisted.logger import globalLogPublisher
         for log_prompts in (False, True):
             events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-            self.factory.log_prompts = log_prompts
+            self.core.log_prompts = log_prompts
             proto, _ = self.connect()
             proto.dataReceived(frame(txt2img_request("a secret lighthouse", "v1/tiny")))
             self.pool.run_one()
@@ -328,7 +202,7 @@ class QueueTests(ServerTestCase):
         self.assertEqual(self.replies(tb)[-1]["action"], "done")
 
     def test_per_client_queue_limit(self):
-        self.worker.max_queued_per_owner = 2
+        self.queue.max_queued_per_owner = 2
         a, ta = self.connect()
         for _ in range(4):
             a.dataReceived(frame(self.request()))
@@ -351,37 +225,3 @@ class QueueTests(ServerTestCase):
         proto.dataReceived(frame(self.request()))
         self.pool.run_one()
         self.assertEqual(self.replies(transport)[-1]["action"], "done")
-
-
-class AutoShutdownTests(ServerTestCase):
-    auto_shutdown = True
-
-    def test_no_client_within_timeout(self):
-        self.factory.server_started()
-        self.reactor.advance(9.9)
-        self.assertEqual(self.stopped, [])
-        self.reactor.advance(0.1)
-        self.assertEqual(self.stopped, [True])
-
-    def test_timeout_after_last_client_leaves(self):
-        self.factory.server_started()
-        a, _ = self.connect()
-        b, _ = self.connect()
-        self.reactor.advance(100)
-        a.connectionLost(None)
-        self.reactor.advance(100)
-        self.assertEqual(self.stopped, [])
-        b.connectionLost(None)
-        self.reactor.advance(9)
-        c, _ = self.connect()
-        self.reactor.advance(100)
-        self.assertEqual(self.stopped, [])
-        c.connectionLost(None)
-        self.reactor.advance(10)
-        self.assertEqual(self.stopped, [True])
-
-    def test_quit_packet_stops_server(self):
-        self.factory.server_started()
-        proto, _ = self.connect()
-        proto.dataReceived(b"x" * P)
-        self.assertEqual(self.stopped, [True])

@@ -1,18 +1,13 @@
-"""History over the socket and from the command line; and a server without --db, which
-must write nothing at all."""
+"""runai.doors.legacy.history: the history actions over the socket, their parsing, and a
+server without --db, which must write nothing at all."""
 
-import argparse
 import base64
-import io
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from PIL import Image
 from twisted.application import service
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,12 +15,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from runai import tap
 from runai.core import errors
 from runai.doors.legacy import history
-from runai.cli import history as history_cli
 from runai.history import store
 from runai.client import BlockingClient, txt2img_request
-from runai.core.requests import parse_request
+from runai.doors.legacy.parse import parse_request
 from runai.test.support import FactoryTestCase, FakeImage, ScriptedEngine, SyncPool, frame
-from runai.test.test_store import KEY, PROMPT_MARKER, files_state, start_twistd, tiny_models, tiny_request
+from runai.test.store_fixtures import KEY, PROMPT_MARKER, files_state, start_twistd, tiny_models, tiny_request
 
 P = 1024
 
@@ -92,8 +86,8 @@ class ServerTestCase(FactoryTestCase):
             folder = os.path.realpath(self.mktemp())
             os.makedirs(folder)
             self.store = store.Store(os.path.join(folder, "h.db"), KEY, self.reactor, pool=SyncPool())
-            self.store.start()
-            self.addCleanup(self.store.stop)
+            self.store.startService()
+            self.addCleanup(self.store.stopService)
         return dict(store=self.store)
 
     def ask(self, proto, transport, obj):
@@ -225,8 +219,9 @@ class ShutdownTests(ServerTestCase):
     def test_a_clean_stop_records_the_running_job_as_cancelled(self):
         # The service tree of ``twistd runai --db``: the store starts first, stops last.
         top = service.MultiService()
-        store.StoreService(self.store).setServiceParent(top)
-        tap.WorkerService(self.worker).setServiceParent(top)
+        self.store.setServiceParent(top)
+        self.worker.setServiceParent(top)
+        self.queue.setServiceParent(top)
         proto, transport = self.connect()
         proto.dataReceived(frame(txt2img_request("running one", "v1/tiny", request_id="r", steps=2)))
         proto.dataReceived(frame(txt2img_request("queued one", "v1/tiny", request_id="q", steps=2)))
@@ -241,8 +236,8 @@ class ShutdownTests(ServerTestCase):
                          [("q", errors.SHUTTING_DOWN), ("r", errors.CANCELLED)])
         # The next start: nothing was left "queued", so nothing shows as interrupted.
         reopened = store.Store(self.store.path, KEY, self.reactor, pool=SyncPool())
-        reopened.start()
-        self.addCleanup(reopened.stop)
+        reopened.startService()
+        self.addCleanup(reopened.stopService)
         items = self.successResultOf(reopened.history(10))
         self.assertEqual([(i["prompt"], i["status"], (i["error"] or {}).get("code")) for i in items], [
             ("queued one", "failed", errors.SHUTTING_DOWN),
@@ -279,10 +274,11 @@ class ServiceTests(SynchronousTestCase):
 
     def test_with_db(self):
         service = self.make("--db", self.path)
-        self.assertEqual([type(s).__name__ for s in service], ["StoreService", "WorkerService", "ListenService"])
-        factory = list(service)[2].factory
-        self.assertIsInstance(factory.store, store.Store)
-        self.assertFalse(factory.store.running)  # its thread starts with the service
+        self.assertEqual([type(s).__name__ for s in service],
+                         ["Store", "LocalWorker", "JobQueue", "StreamServerEndpointService"])
+        factory = list(service)[3].factory
+        self.assertIsInstance(factory.core.store, store.Store)
+        self.assertFalse(factory.core.store.running)  # its thread starts with the service
         self.assertEqual(store.check(self.path, KEY), 0)  # created and migrated at start
 
     def test_wrong_key_stops_the_start(self):
@@ -298,167 +294,22 @@ class ServiceTests(SynchronousTestCase):
                 "from twisted.internet.testing import MemoryReactorClock\n"
                 "o = runai.tap.Options(); o.parseOptions(['--port', '0'])\n"
                 "s = runai.tap.makeService(o, reactor=MemoryReactorClock())\n"
-                "print(list(s)[1].factory.store, 'runai.history.store' in sys.modules, 'sqlcipher3' in sys.modules)")
+                "print(list(s)[2].factory.core.store, 'runai.history.store' in sys.modules, 'sqlcipher3' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env=dict(os.environ, RUNAI_DB_KEY="ignored without --db"))
         self.assertEqual(out.stdout.split(), ["None", "False", "False"])
 
 
-class ExportFormatTests(SynchronousTestCase):
-    def test_png_text_chunks(self):
-        out = io.BytesIO()
-        Image.new("RGB", (8, 8), (10, 20, 30)).save(out, "PNG")
-        original = out.getvalue()
-        item = {"request_id": 3, "action": "txt2img", "model": "v1/tiny", "prompt": "phare à l'aube ☀",
-                "negative_prompt": "fog", "params": {"steps": 20, "scheduler": "euler_a", "scale": 7.5}}
-        about = {"seed": 42, "width": 8, "height": 8, "index": 0}
-        texts = {"parameters": history_cli.parameters_text(item, about), "runai": json.dumps(item)}
-        tagged = history_cli.png_with_text(original, texts)
-        picture = Image.open(io.BytesIO(tagged))
-        picture.load()
-        self.assertEqual(picture.text["parameters"],
-                         "phare à l'aube ☀\nNegative prompt: fog\n"
-                         "Steps: 20, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 8x8, Model: v1/tiny")
-        self.assertEqual(json.loads(picture.text["runai"]), item)
-        self.assertEqual(picture.tobytes(), Image.open(io.BytesIO(original)).tobytes())
-        self.assertRaises(ValueError, history_cli.png_with_text, b"GIF89a", texts)
 
 
-class FakeServer:
-    """Stands in for a BlockingClient: answers the history actions with ``items`` and
-    ``images`` (the image messages of every history_get)."""
-
-    def __init__(self, items, images):
-        self.items, self.images, self.replies = items, images, []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def send(self, obj):
-        rid = obj.get("id")
-        if obj["action"] == "history":
-            self.replies.append({"action": "history", "items": self.items, "next_before": None, "id": rid})
-        elif obj["action"] == "history_get":
-            item = {"request_id": obj["request_id"], "action": "txt2img", "model": "v1/tiny", "prompt": "p",
-                    "negative_prompt": "", "params": {}}
-            self.replies.append({"action": "history_get", "item": item, "id": rid})
-            self.replies.extend(dict(m, id=rid) for m in self.images)
-            self.replies.append({"action": "done", "images": len(self.images), "id": rid})
-
-    def receive(self):
-        return self.replies.pop(0)
 
 
-class ExportNamesTests(SynchronousTestCase):
-    """File names are made of the server's request ids and image indexes: only whole
-    numbers are used; anything else stops the export with a plain message."""
-
-    def setUp(self):
-        picture = io.BytesIO()
-        Image.new("RGB", (4, 4)).save(picture, "PNG")
-        self.image = base64.b64encode(picture.getvalue()).decode("ascii")
-        self.root = os.path.realpath(self.mktemp())
-        self.out = os.path.join(self.root, "a", "b", "out")
-        self.stdout, self.stderr = io.StringIO(), io.StringIO()
-        self.patch(sys, "stdout", self.stdout)
-        self.patch(sys, "stderr", self.stderr)
-
-    def export(self, items=(), indexes=(0,), request_ids=None):
-        server = FakeServer(list(items), [{"image": self.image, "seed": 1, "width": 4, "height": 4, "index": i}
-                                          for i in indexes])
-        self.patch(history_cli, "_connect", lambda args: server)
-        args = argparse.Namespace(directory=self.out, request_id=request_ids, limit=None, before=None, query=None)
-        return history_cli.export_command(args)
-
-    def written(self):
-        return sorted(os.path.relpath(os.path.join(d, f), self.root) for d, _, files in os.walk(self.root)
-                      for f in files)
-
-    def test_whole_numbers_make_the_names(self):
-        self.assertEqual(self.export([{"request_id": 3}], indexes=(0, 1)), 0)
-        self.assertEqual(self.written(), ["a/b/out/runai-3-0.png", "a/b/out/runai-3-1.png"])
-
-    def test_bad_indexes_are_refused(self):
-        for index in ("../../../escaped", "0/../../x", True, 1.0, -1, None, [0], "1"):
-            self.assertEqual(self.export(indexes=(index,), request_ids=[3]), 1, index)
-            self.assertIn("image index", self.stderr.getvalue())
-            self.assertIn(repr(index), self.stderr.getvalue())
-        self.assertEqual(self.written(), [])
-
-    def test_bad_request_ids_are_refused(self):
-        for request_id in ("../../escaped", True, 2.0, 0, None, "7"):
-            self.assertEqual(self.export([{"request_id": request_id}]), 1, request_id)
-            self.assertIn("request id", self.stderr.getvalue())
-        self.assertEqual(self.written(), [])
 
 
 # Real servers ------------------------------------------------------------------------------
 
-def cli(port, *args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "runai.cli.main", *args, "--port", str(port)],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-class CommandLineTests(SynchronousTestCase):
-    def test_history_commands_against_a_real_server(self):
-        folder = os.path.realpath(self.mktemp())
-        os.makedirs(folder)
-        path = os.path.join(folder, "history.db")
-        key_file = os.path.join(folder, "key")
-        with open(key_file, "w") as f:
-            f.write(KEY.reveal() + "\n")
-        env = {k: v for k, v in os.environ.items() if k != "RUNAI_DB_KEY"}
-        server, port, _ = start_twistd(self, "--db", path, "--db-key-file", key_file, env=env)
-
-        out = os.path.join(folder, "out.png")
-        made = cli(port, "generate", f"{PROMPT_MARKER} at dusk", "-m", "v1/tiny", "-o", out, "-q",
-                   "--steps", "1", "--width", "64", "--height", "64", "--seed", "7", "--n-samples", "2")
-        self.assertEqual(made.returncode, 0, made.stderr)
-        with BlockingClient("127.0.0.1", port, timeout=60) as client:
-            client.run(tiny_request("a quiet harbour", seed=1))
-
-        listed = cli(port, "history", "list")
-        self.assertEqual(listed.returncode, 0, listed.stderr)
-        lines = listed.stdout.splitlines()
-        self.assertEqual(len(lines), 2)
-        self.assertIn("a quiet harbour", lines[0])
-        self.assertIn(PROMPT_MARKER, lines[1])
-        self.assertIn("done", lines[1])
-        found = cli(port, "history", "list", "--json", "--query", "ZEBRA")
-        [item] = json.loads(found.stdout)
-        self.assertEqual((item["request_id"], item["images"], item["params"]["seed"]), (1, 2, 7))
-
-        exported = os.path.join(folder, "export")
-        done = cli(port, "history", "export", exported, "--query", "zebra")
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertEqual(sorted(os.listdir(exported)), ["runai-1-0.png", "runai-1-1.png"])
-        for index in range(2):
-            picture = Image.open(os.path.join(exported, f"runai-1-{index}.png"))
-            picture.load()
-            self.assertTrue(picture.text["parameters"].startswith(f"{PROMPT_MARKER} at dusk\n"))
-            self.assertIn(f"Seed: {7 + index}", picture.text["parameters"])
-            self.assertEqual(json.loads(picture.text["runai"])["request_id"], 1)
-            self.assertEqual(picture.tobytes(), Image.open(os.path.join(folder, f"out-{index}.png")).tobytes())
-        again = cli(port, "history", "export", exported)
-        self.assertEqual(again.returncode, 0, again.stderr)
-        self.assertIn("exists", again.stderr)
-        self.assertEqual(sorted(os.listdir(exported)), ["runai-1-0.png", "runai-1-1.png", "runai-2-0.png"])
-
-        self.assertEqual(cli(port, "history", "delete", "1").returncode, 0)
-        gone = cli(port, "history", "delete", "1")
-        self.assertEqual(gone.returncode, 1)
-        self.assertIn("not_found", gone.stderr)
-        self.assertEqual(len(cli(port, "history", "list").stdout.splitlines()), 1)
-
-        # A clean stop closes the database: the WAL is folded in and removed. (twistd
-        # exits by the signal that stopped it.)
-        server.terminate()
-        self.assertEqual(server.wait(timeout=60), -signal.SIGTERM)
-        self.assertFalse(os.path.exists(path + "-wal"))
-        self.assertEqual(store.check(path, KEY), 1)
 
 
 class NoDatabaseTests(SynchronousTestCase):

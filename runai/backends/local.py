@@ -1,0 +1,101 @@
+# -*- test-case-name: runai.test.test_local -*-
+"""A worker on this machine: one dedicated thread that owns torch, the device and the
+model cache.
+
+Only :meth:`LocalWorker._execute` runs in that thread. It is the only one that imports
+torch and touches the device, so CUDA state never crosses threads, and the reactor keeps
+answering while a job runs. The pool is the worker's own one-thread pool: the reactor's
+shared pool (DNS and friends) is never blocked by a 30-second generation.
+"""
+
+from twisted.application import service
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from runai.core import errors
+from runai.core.interfaces import IWorker
+
+
+def default_engine_factory(device, dtype, **options):
+    # Imported here, in the worker thread, so that the server listens before torch loads.
+    from runai.engine.engine import Engine
+
+    return Engine(device=device, dtype=dtype, **options)
+
+
+@implementer(IWorker)
+class LocalWorker(service.Service):
+    """Runs jobs on ``device`` in its own thread; a Service that starts the thread (and
+    loads torch and the engine in it, while the server already listens) and joins it."""
+
+    log = Logger()
+
+    def __init__(self, reactor, device="auto", dtype="auto", engine_factory=default_engine_factory, pool=None,
+                 engine_options=None):
+        self.reactor = reactor
+        self.device = device
+        self.dtype = dtype
+        self._engine_factory = engine_factory
+        # More keywords for the engine factory: library, cache_models, cache_bytes.
+        self.engine_options = dict(engine_options or {})
+        self._engine = None
+        self.pool = pool if pool is not None else ThreadPool(minthreads=1, maxthreads=1, name=f"runai-{device}")
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        """Join the thread: the running job was cancelled by the queue and stops at its
+        next step."""
+        super().stopService()
+        self.pool.stop()
+
+    def warm_up(self):
+        """Load torch and the engine in the worker thread while the server already listens."""
+        return deferToThreadPool(self.reactor, self.pool, self._get_engine).addErrback(
+            lambda f: self.log.failure("The inference engine could not start", f)
+        )
+
+    def loaded_models(self):
+        """Paths of the models the engine holds loaded now (a snapshot, safe to read here)."""
+        loader = getattr(self._engine, "loader", None)
+        return tuple(getattr(loader, "loaded_paths", ()))
+
+    def run(self, job):
+        return deferToThreadPool(self.reactor, self.pool, self._execute, job).addErrback(self._error)
+
+    def _error(self, failure):
+        error = failure.value
+        if type(error).__name__ == "OutOfMemoryError":
+            # torch's, raised where the engine did not catch it (a load, a VAE decode).
+            raise errors.RunaiError(errors.OUT_OF_MEMORY, f"the device ran out of memory: {error}")
+        return failure
+
+    # The worker thread -----------------------------------------------------------------
+
+    def _get_engine(self):
+        if self._engine is None:
+            self._engine = self._engine_factory(self.device, self.dtype, **self.engine_options)
+        return self._engine
+
+    def _execute(self, job):
+        if job.cancel_event.is_set():
+            raise errors.JobCancelled()
+        engine = self._get_engine()
+        call = self.reactor.callFromThread
+
+        # Through the job, not a listener captured now: a detached job reports nowhere.
+        def on_progress(step, total):
+            call(lambda: job.listener.job_progress(job, step, total))
+
+        if job.request.action == "convert":
+            return engine.convert(job.request, on_progress=on_progress, is_cancelled=job.cancel_event.is_set)
+        return engine.generate(
+            job.request,
+            on_progress=on_progress,
+            on_image=lambda image: call(lambda: job.listener.job_image(job, image)),
+            is_cancelled=job.cancel_event.is_set,
+        )

@@ -1,0 +1,92 @@
+# -*- test-case-name: runai.test.test_legacy_session -*-
+"""Every reply of the legacy socket protocol, as the JSON object it is sent as.
+
+What the old clients read is recorded in ``shared/reference/legacy-wire-format.md``:
+a progress message's ``action`` is the number 4, an image message has no ``action``
+(a legacy client shows any message with an ``image``), and every reply to a request
+carries that request's ``reqtype`` and ``id``.
+"""
+
+import base64
+
+import runai
+
+
+def error(error, reqtype=None, request_id=None):
+    """``{"error": {"code", "message"}, "reqtype", "id"}`` for a RunaiError."""
+    return {"error": {"code": error.code, "message": error.message}, "reqtype": reqtype, "id": request_id}
+
+
+def of_request(request, message):
+    """``message`` as a reply to ``request``: its ``reqtype`` (unless set) and ``id``."""
+    message.setdefault("reqtype", request.action)
+    message["id"] = request.id
+    return message
+
+
+def pong(request_id, queued, busy):
+    return {"action": "pong", "version": runai.__version__, "id": request_id, "queued": queued, "busy": busy}
+
+
+def queued(position):
+    return {"action": "queued", "position": position}
+
+
+def progress(step, total):
+    return {"action": 4, "step": step, "total": total}
+
+
+def image(request, image, extra=None):
+    """An image reply, or ``withheld`` (no ``image`` key: a legacy client ignores it)
+    for one the safety checker flagged."""
+    about = {"seed": image.seed, "width": image.width, "height": image.height, "index": image.index}
+    if getattr(image, "withheld", False):
+        return dict(about, action="withheld", reason="nsfw")
+    message = {
+        "image": base64.b64encode(image.png).decode("ascii"),
+        "pos_x": request.pos_x, "pos_y": request.pos_y,
+    }
+    message.update(about)
+    checked = getattr(image, "nsfw_checked", None)
+    if checked is not None:
+        message["nsfw_checked"] = checked
+    return message
+
+
+def done(count, seconds=None):
+    message = {"action": "done", "images": count}
+    if seconds is not None:
+        message["seconds"] = round(seconds, 3)
+    return message
+
+
+def converted(result, seconds):
+    """A ``convert`` job's end: ``result`` is a :class:`runai.models.convert.ConvertResult`."""
+    return {"action": "done", "path": result.path, "source": result.source, "format": "diffusers",
+            "version": result.version, "seconds": round(seconds, 3)}
+
+
+def model(entry, loaded=()):
+    """One model of the ``models`` list, from a :class:`runai.models.library.ModelEntry`."""
+    c = entry.classification
+    wire = {
+        "name": entry.name,
+        "version": c.version,
+        "format": entry.format,
+        "kind": c.kind,
+        "inpainting": c.inpainting,
+        "in_channels": c.in_channels,
+        "prediction_type": c.prediction_type,
+        "size": entry.size,
+        "served": entry.served,
+        "loaded": entry.path in loaded,
+    }
+    if entry.sidecar:
+        wire["config"] = entry.sidecar
+    if entry.error:
+        wire["error"] = entry.error
+    return wire
+
+
+def models(entries, loaded, request_id):
+    return {"action": "models", "models": [model(e, loaded) for e in entries], "id": request_id}

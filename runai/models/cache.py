@@ -1,0 +1,312 @@
+# -*- test-case-name: runai.test.test_cache -*-
+"""Loading Stable Diffusion pipelines, offline, and keeping the recent ones loaded.
+
+Worker thread only (imports torch and diffusers).
+
+* A diffusers folder loads with ``from_pretrained`` from local files only, once every
+  file in it is known to lie inside the model folder (:func:`runai.models.paths.check_tree`).
+* A ``.safetensors`` or ``.ckpt`` file is described by the server's
+  :class:`runai.models.library.ModelLibrary` and assembled by :mod:`runai.models.singlefile`.
+* :class:`ModelLoader` keeps the most recently used pipelines in an LRU cache bounded in
+  models or in bytes, so switching back to a model costs nothing.
+"""
+
+from runai.models import offline  # before diffusers and transformers
+
+import collections
+import copy
+import gc
+import importlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import StableDiffusionPipeline
+from twisted.logger import Logger
+
+from runai.core import errors
+from runai.models import checkpoint
+from runai.models.errors import MAX_CAUSE_CHARS, CheckpointError, LoadError
+from runai.models.paths import check_tree, contained
+from runai.models.singlefile import pipeline_from_single_file
+
+del offline  # imported for what importing it does
+
+log = Logger()
+
+
+def _dtype_keyword():
+    """``dtype`` where diffusers has it, else the older ``torch_dtype``.
+
+    Newer diffusers deprecate ``torch_dtype`` (with a warning on every load); older ones
+    silently ignore ``dtype``, which would load float32 onto the GPU.
+    """
+    try:
+        deprecation_utils = importlib.import_module("diffusers.utils.deprecation_utils")
+    except ImportError:
+        return "torch_dtype"
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+DTYPE_KEYWORD = _dtype_keyword()
+
+
+@dataclass
+class Loaded:
+    path: str
+    name: str
+    pipe: object
+    scheduler_config: dict
+    nbytes: int
+    signature: tuple
+    seconds: float
+
+
+def pipeline_bytes(pipe):
+    """Bytes of the weights a pipeline holds (shared tensors counted once)."""
+    seen = set()
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in list(component.parameters()) + list(component.buffers()):
+                key = (tensor.device, tensor.data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _disk_signature(path):
+    """Changes when the model on disk is replaced, so a stale cached copy is reloaded."""
+    probes = [path]
+    if os.path.isdir(path):
+        probes = [os.path.join(path, "model_index.json")]
+        for sub in ("unet", "vae", "text_encoder"):
+            try:
+                probes += sorted(e.path for e in os.scandir(os.path.join(path, sub)))
+            except OSError:
+                pass
+    signature = []
+    for probe in probes:
+        try:
+            st = os.stat(probe)
+            signature.append((probe, st.st_size, st.st_mtime_ns))
+        except OSError:
+            signature.append((probe, None))
+    return tuple(signature)
+
+
+def estimate_bytes(path, dtype):
+    """What loading ``path`` will take, from file headers and sizes, before loading it."""
+    files = [path]
+    if os.path.isdir(path):
+        files = [str(p) for sub in ("unet", "vae", "text_encoder") for p in Path(path, sub).glob("*")
+                 if p.suffix in (".safetensors", ".bin", ".ckpt")]
+    total = 0
+    size = torch.tensor([], dtype=dtype).element_size()
+    for name in files:
+        try:
+            if name.endswith(".safetensors"):
+                tensors, _ = checkpoint.read_safetensors_header(name)
+                for info in tensors.values():
+                    numel = 1
+                    for d in info.shape:
+                        numel *= d
+                    total += numel * size
+            else:
+                total += os.path.getsize(name)
+        except (OSError, CheckpointError):
+            pass
+    return total
+
+
+class ModelLoader:
+    """Loads pipelines onto one device and keeps the recently used ones loaded.
+
+    The cache holds at most ``max_models`` pipelines and, when ``max_bytes`` is set, at
+    most that many bytes of weights (the model in use always stays, even if alone it is
+    larger). ``load_count`` counts loads from disk; ``loaded_paths`` is a snapshot that
+    other threads may read.
+    """
+
+    def __init__(self, device, dtype, library=None, max_models=1, max_bytes=None):
+        self.device = device
+        self.dtype = dtype
+        # The server's one ModelLibrary: it says what a single file is, and its folder is
+        # where single files find their base configs and what every model must lie inside.
+        self.library = library
+        self.model_dir = library.model_dir if library is not None else None
+        self.max_models = max(1, int(max_models))
+        self.max_bytes = max_bytes
+        self._cache = collections.OrderedDict()
+        self.current = None
+        self.load_count = 0
+        self.loaded_paths = ()
+
+    @property
+    def used_bytes(self):
+        return sum(entry.nbytes for entry in self._cache.values())
+
+    def get(self, model_path, model_name=None):
+        """The :class:`Loaded` entry of ``model_path``, from the cache or from disk.
+
+        Raises RunaiError(MODEL_LOAD_FAILED) with a message fit for the client.
+        """
+        path = str(model_path)
+        name = model_name or path
+        signature = _disk_signature(path)
+        entry = self._cache.get(path)
+        if entry is not None and entry.signature == signature:
+            self._cache.move_to_end(path)
+            self.current = entry
+            return entry
+        if entry is not None:
+            log.info("{name} changed on disk; loading it again", name=name)
+            self._drop(path)
+        self.current = None
+        estimate = estimate_bytes(path, self.dtype) if self.max_bytes else 0
+        self._make_room(estimate)
+        started = time.monotonic()
+        log.info("loading model {name}", name=name)
+        pipe, cause, oom = self._try_load(path, name)
+        if oom and self._cache:
+            # Whatever else is cached may be what stands in the way: drop it and try again.
+            log.info("out of memory loading {name}; unloading the other models and retrying", name=name)
+            self.unload()
+            pipe, cause, oom = self._try_load(path, name)
+        if cause is not None:
+            # Outside the except block, so that the traceback, and the half-loaded
+            # weights its frames hold, are gone before memory is freed.
+            self.free_memory()
+            # The cause is the whole story for a bad model; a traceback would only add
+            # diffusers' internals to the log.
+            log.error("loading model {name} failed: {cause}", name=name, cause=cause)
+            raise errors.RunaiError(errors.MODEL_LOAD_FAILED, f"could not load model {name!r}: {cause}")
+        pipe.set_progress_bar_config(disable=True)
+        self._use_fast_attention(pipe)
+        entry = Loaded(
+            path=path, name=name, pipe=pipe,
+            # Each request builds its scheduler from this pristine copy, so a request's
+            # overrides (Karras sigmas, ...) never leak into the next request's scheduler.
+            scheduler_config=copy.deepcopy(dict(pipe.scheduler.config)),
+            nbytes=pipeline_bytes(pipe), signature=signature, seconds=time.monotonic() - started,
+        )
+        self._cache[path] = entry
+        self.current = entry
+        self.load_count += 1
+        self._trim(keep=path)
+        self._publish()
+        log.info("loaded model {name} in {seconds:.1f}s ({mb} MB); {n} model(s) cached",
+                 name=name, seconds=entry.seconds, mb=entry.nbytes // 2**20, n=len(self._cache))
+        return entry
+
+    def _try_load(self, path, name):
+        """(pipe, None, False) or (None, cause, out_of_memory)."""
+        try:
+            if os.path.isdir(path):
+                pipe = self._load_folder(path)
+            else:
+                pipe = self._load_file(path, name)
+        except torch.OutOfMemoryError:
+            return None, "the device ran out of memory", True
+        except LoadError as e:
+            return None, e.message[:MAX_CAUSE_CHARS], False
+        except Exception as e:
+            # The server's own paths are no business of the client's.
+            cause = errors.scrub(f"{type(e).__name__}: {e}", self.model_dir, names=((path, name),))
+            return None, cause[:MAX_CAUSE_CHARS], False
+        return pipe, None, False
+
+    def _inside(self, path):
+        """``path`` resolved again, here in the worker, just before it is opened: it was
+        checked when the request was parsed, and a link may have been swapped in since."""
+        resolved = contained(self.model_dir, path)
+        if resolved is None:
+            raise LoadError("it leads outside the model folder (it changed on disk since the request came in)")
+        return str(resolved)
+
+    def _load_folder(self, path):
+        if self.model_dir is not None:
+            path = self._inside(path)
+            check_tree(self.model_dir, path)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path,
+            local_files_only=True,
+            **{DTYPE_KEYWORD: self.dtype},
+            safety_checker=None,
+            requires_safety_checker=False,
+            # Without accelerate, diffusers warns and falls back to False anyway.
+            low_cpu_mem_usage=diffusers.utils.is_accelerate_available(),
+        )
+        if pipe.unet.dtype != self.dtype:
+            # Whatever the keyword's fate in some diffusers release, never run in
+            # another precision than the one asked for.
+            return pipe.to(self.device, self.dtype)
+        return pipe.to(self.device)
+
+    def _load_file(self, path, name):
+        if self.library is None:
+            raise LoadError("single-file models need the server's model folder (for their configs)")
+        path = self._inside(path)
+        entry = self.library.describe(path, name)
+        return pipeline_from_single_file(path, self.model_dir, entry, self.device, self.dtype)
+
+    def _use_fast_attention(self, pipe):
+        # diffusers uses torch's SDPA (AttnProcessor2_0) by default; xformers can still
+        # save memory on some CUDA setups, so use it when it is installed and works.
+        if self.device.type != "cuda":
+            return
+        try:
+            importlib.import_module("xformers")
+        except ImportError:
+            return
+        try:
+            pipe.enable_xformers_memory_efficient_attention()
+            log.info("using xformers memory-efficient attention")
+        except Exception:
+            log.failure("xformers is installed but could not be enabled; using SDPA")
+
+    def _make_room(self, estimate):
+        dropped = False
+        while self._cache and (
+            len(self._cache) >= self.max_models
+            or (self.max_bytes is not None and self.used_bytes + estimate > self.max_bytes)
+        ):
+            self._drop(next(iter(self._cache)))
+            dropped = True
+        if dropped:
+            # Before the next model loads: two SD models at once may not fit on the GPU.
+            self.free_memory()
+
+    def _trim(self, keep):
+        while self.max_bytes is not None and self.used_bytes > self.max_bytes and len(self._cache) > 1:
+            oldest = next(p for p in self._cache if p != keep)
+            self._drop(oldest)
+            self.free_memory()
+
+    def _drop(self, path):
+        entry = self._cache.pop(path, None)
+        if entry is None:
+            return
+        log.info("unloading model {name}", name=entry.name)
+        if self.current is entry:
+            self.current = None
+        self._publish()
+
+    def _publish(self):
+        self.loaded_paths = tuple(self._cache)
+
+    def unload(self, model_path=None):
+        """Unload one model, or all of them, and give their memory back to the device."""
+        paths = [str(model_path)] if model_path is not None else list(self._cache)
+        for path in paths:
+            self._drop(path)
+        self.free_memory()
+
+    def free_memory(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

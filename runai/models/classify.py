@@ -1,0 +1,246 @@
+# -*- test-case-name: runai.test.test_classify -*-
+"""What a model is, from its content: the classification rules of the model library.
+
+Models are told apart by their content, never by their folder alone: key names and
+shapes from a ``.safetensors`` header or a static walk of a ``.ckpt`` pickle (see
+:mod:`runai.models.checkpoint`), ``unet/config.json`` and the scheduler config of a
+diffusers folder, and a side-car ``<name>.yaml`` (the original LDM config, as
+AUTOMATIC1111 keeps them). The folder (``v1/``, ``v2/``) is only a hint
+(:func:`folder_hint`); where it disagrees with the weights, the weights win.
+
+Torch-free, and nothing outside the model folder is opened: every config and side-car is
+resolved, symlinks included, and checked for containment before it is read.
+"""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from runai.models.paths import contained, read_json
+
+log = Logger()
+
+V1, V2, SDXL, UNKNOWN = "v1", "v2", "sdxl", "unknown"
+SERVED_VERSIONS = (V1, V2)
+SERVED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+)
+
+# Width of the text embedding the UNet attends to, for the real model sizes.
+CONTEXT_DIMS = {768: V1, 1024: V2, 2048: SDXL, 1280: SDXL}
+
+UNET = "model.diffusion_model."
+IN_CONV = UNET + "input_blocks.0.0.weight"
+
+MAX_SIDECAR_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What a model's content says it is."""
+
+    kind: str = UNKNOWN  # "pipeline" (a whole SD model), "vae", "lora", "embedding", "unknown"
+    version: str = UNKNOWN
+    inpainting: bool = False
+    in_channels: object = None
+    prediction_type: object = None  # "epsilon", "v_prediction", or None when the content does not say
+    pipeline_class: object = None  # diffusers folders only
+    notes: tuple = ()
+
+
+# -- content rules ---------------------------------------------------------------------
+
+
+def _int(value):
+    """``value`` if it is an int (not a bool), else None: configs are JSON/YAML from the
+    disk, and a list or a mapping where a width belongs must not reach a dict lookup."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text_encoder_version(keys):
+    for key in keys:
+        if key.startswith("conditioner.embedders."):
+            return SDXL
+    for key in keys:
+        if key.startswith("cond_stage_model.model."):
+            return V2  # OpenCLIP ViT-H, SD 2.x
+        if key.startswith("cond_stage_model.transformer."):
+            return V1  # OpenAI CLIP ViT-L, SD 1.x
+    return None
+
+
+def _unet_version(shapes):
+    if any(k.startswith(UNET + "label_emb.") for k in shapes):
+        return SDXL, None  # size conditioning: only SDXL among these has it
+    context = None
+    for key in sorted(shapes):
+        if key.startswith(UNET) and key.endswith(".attn2.to_k.weight") and len(shapes[key]) == 2:
+            context = shapes[key][1]
+            break
+    if context in CONTEXT_DIMS:
+        return CONTEXT_DIMS[context], context
+    # A width of no released model (a small test model, a pruned experiment): SD 2.x
+    # projects into its transformers with Linear layers, SD 1.x with 1x1 convolutions.
+    for key in sorted(shapes):
+        if key.startswith(UNET) and key.endswith(".proj_in.weight"):
+            return (V2 if len(shapes[key]) == 2 else V1), context
+    return None, context
+
+
+def classify_state(shapes, metadata=None):
+    """Classify an LDM-layout state dict from ``{name: shape}`` (and safetensors metadata)."""
+    metadata = metadata or {}
+    keys = list(shapes)
+    notes = []
+    if not any(k.startswith(UNET) for k in keys):
+        return Classification(kind=_non_pipeline_kind(shapes))
+    unet_version, context = _unet_version(shapes)
+    te_version = _text_encoder_version(keys)
+    version = unet_version or te_version or UNKNOWN
+    if unet_version and te_version and unet_version != te_version:
+        notes.append(f"the UNet looks {unet_version} but the text encoder looks {te_version}")
+    in_channels = None
+    if IN_CONV in shapes and len(shapes[IN_CONV]) == 4:
+        in_channels = shapes[IN_CONV][1]
+    prediction = None
+    spec = str(metadata.get("modelspec.prediction_type", "")).lower()
+    if "v_pred" in shapes or spec in ("v", "v_prediction", "v-prediction"):
+        prediction = "v_prediction"
+    elif spec in ("epsilon", "eps"):
+        prediction = "epsilon"
+    elif version == V1:
+        # SD 1.x was released for epsilon only; the rare v-prediction fine-tune comes
+        # with a side-car config, which overrides this.
+        prediction = "epsilon"
+    return Classification(
+        kind="pipeline", version=version, inpainting=in_channels == 9, in_channels=in_channels,
+        prediction_type=prediction, notes=tuple(notes),
+    )
+
+
+def _non_pipeline_kind(shapes):
+    keys = list(shapes)
+    if any(k.startswith("first_stage_model.") for k in keys) or (
+        "encoder.conv_in.weight" in shapes and "decoder.conv_out.weight" in shapes
+    ):
+        return "vae"
+    if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
+        return "lora"
+    if any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in keys):
+        return "embedding"
+    return UNKNOWN
+
+
+def classify_diffusers(folder, model_dir):
+    """Classify a diffusers folder from its ``model_index.json``, UNet and scheduler configs."""
+    folder = Path(folder)
+    index = read_json(model_dir, folder / "model_index.json")
+    if index is None:
+        return Classification(notes=("model_index.json is unreadable",))
+    pipeline_class = index.get("_class_name") if isinstance(index.get("_class_name"), str) else None
+    unet = read_json(model_dir, folder / "unet" / "config.json") or {}
+    scheduler = read_json(model_dir, folder / "scheduler" / "scheduler_config.json") or {}
+    text_encoder = read_json(model_dir, folder / "text_encoder" / "config.json") or {}
+    if not unet:
+        return Classification(pipeline_class=pipeline_class, notes=("no unet/config.json",))
+    context = unet.get("cross_attention_dim")
+    if isinstance(context, list):
+        context = context[0] if context else None
+    context = _int(context)
+    sdxl = unet.get("addition_embed_type") == "text_time" or "text_encoder_2" in index
+    if sdxl or (pipeline_class and "XL" in pipeline_class):
+        version = SDXL
+    elif context in CONTEXT_DIMS:
+        version = CONTEXT_DIMS[context]
+    elif unet.get("use_linear_projection") or text_encoder.get("hidden_act") == "gelu":
+        version = V2
+    else:
+        version = V1
+    in_channels = _int(unet.get("in_channels", 4))
+    prediction = scheduler.get("prediction_type")
+    prediction = prediction if isinstance(prediction, str) and prediction else "epsilon"
+    return Classification(
+        kind="pipeline", version=version, inpainting=in_channels == 9, in_channels=in_channels,
+        prediction_type=prediction, pipeline_class=pipeline_class,
+    )
+
+
+def sidecar_path(path):
+    """The side-car LDM config of a checkpoint: ``v1/x.yaml`` beside ``v1/x.safetensors``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".yaml")
+
+
+def read_sidecar(path, model_dir):
+    """What a side-car yaml says: ``{"prediction_type", "version", "in_channels"}``, each
+    only if it says so; None without a (readable, contained) side-car."""
+    candidate = sidecar_path(path)
+    resolved = contained(model_dir, candidate)
+    try:
+        if resolved is None or not resolved.is_file() or resolved.stat().st_size > MAX_SIDECAR_BYTES:
+            return None
+        import yaml
+
+        config = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    except Exception:
+        log.warn("ignoring the unreadable side-car config {name}", name=candidate.name)
+        return None
+    if not isinstance(config, dict):
+        return None
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    params = model.get("params") if isinstance(model.get("params"), dict) else {}
+    said = {}
+    # LatentDiffusion's default parameterization is "eps": an LDM config that does not
+    # name one is an epsilon model.
+    said["prediction_type"] = "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+    unet = (params.get("unet_config") or {}).get("params") if isinstance(params.get("unet_config"), dict) else None
+    if isinstance(unet, dict):
+        if _int(unet.get("in_channels")) is not None:
+            said["in_channels"] = unet["in_channels"]
+        if _int(unet.get("context_dim")) in CONTEXT_DIMS:
+            said["version"] = CONTEXT_DIMS[unet["context_dim"]]
+    if "sgm." in str(model.get("target", "")):
+        said["version"] = SDXL
+    return said
+
+
+def folder_hint(name):
+    """The version a model's place in the folder suggests (``v1/...``), or None."""
+    parts = name.lower().split("/")
+    if parts[0] in (V1, V2):
+        return parts[0]
+    if parts[0] in ("sdxl", "xl"):
+        return SDXL
+    joined = "/".join(parts[:2])
+    if "stable-diffusion-v1" in joined or joined.startswith("compvis/stable-diffusion"):
+        return V1
+    if "stable-diffusion-2" in joined:
+        return V2
+    if "stable-diffusion-xl" in joined:
+        return SDXL
+    return None
+
+
+def apply_sidecar(c, said):
+    """Classification ``c`` with what a side-car said (:func:`read_sidecar`) applied: its
+    prediction type wins; its version and width only fill in what the weights leave open."""
+    notes = list(c.notes)
+    version = c.version
+    in_channels = c.in_channels
+    if c.kind != "pipeline":
+        return c
+    if "version" in said and said["version"] != c.version:
+        if c.version == UNKNOWN:
+            version = said["version"]
+        else:
+            notes.append(f"the side-car config says {said['version']} but the weights are {c.version}")
+    if in_channels is None and "in_channels" in said:
+        in_channels = said["in_channels"]
+    prediction = c.prediction_type
+    if "prediction_type" in said:
+        prediction = said["prediction_type"]
+    return replace(c, version=version, in_channels=in_channels, inpainting=in_channels == 9,
+                   prediction_type=prediction, notes=tuple(notes))

@@ -1,0 +1,265 @@
+# -*- test-case-name: runai.test.test_singlefile -*-
+"""A Stable Diffusion pipeline from one ``.safetensors`` or ``.ckpt`` file, offline.
+
+Worker thread only (imports torch and diffusers).
+
+The file is read by :mod:`runai.models.checkpoint` (a ``.ckpt`` through the restricted
+unpickler) and converted with diffusers' own single-file conversion functions. The
+architecture, scheduler and tokenizer come from a diffusers copy of the base model in the
+model folder, or from the configs runai ships (:mod:`runai.models.sdconfigs`) with a
+tokenizer from the model folder: never from the Hub (:func:`find_base_configs`).
+diffusers' ``from_single_file`` is not called with a path at all, so it can never take a
+name for a Hub repository, nor unpickle a ``.ckpt`` its own way.
+"""
+
+from runai.models import offline  # before diffusers and transformers
+
+import collections
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import single_file_utils
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from twisted.logger import Logger
+
+from runai.models import checkpoint
+from runai.models import sdconfigs
+from runai.models.classify import SERVED_VERSIONS, UNET, V1, V2
+from runai.models.errors import CheckpointError, LoadError
+from runai.models.paths import check_tree, contained, read_json
+
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+del offline  # imported for what importing it does
+
+log = Logger()
+
+V1_BASES = ["runwayml/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "CompVis/stable-diffusion-v1-4"]
+V1_INPAINT_BASES = ["runwayml/stable-diffusion-inpainting", "stable-diffusion-v1-5/stable-diffusion-inpainting"]
+V2_EPS_BASES = ["stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-base"]
+V2_V_BASES = ["stabilityai/stable-diffusion-2-1", "stabilityai/stable-diffusion-2"]
+V2_INPAINT_BASES = ["stabilityai/stable-diffusion-2-inpainting"]
+# CLIP's BPE vocabulary is the same for SD 1.x and 2.x: any of these tokenizers will do.
+TOKENIZER_FOLDERS = ["openai/clip-vit-large-patch14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
+CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def base_candidates(version, inpainting, v_prediction):
+    if version == V1:
+        return (V1_INPAINT_BASES if inpainting else []) + V1_BASES
+    first, then = (V2_V_BASES, V2_EPS_BASES) if v_prediction else (V2_EPS_BASES, V2_V_BASES)
+    return (V2_INPAINT_BASES if inpainting else []) + first + then
+
+
+@dataclass
+class BaseConfigs:
+    source: str  # for messages: which base model the architecture came from
+    unet: dict
+    vae: dict
+    text_encoder: dict
+    scheduler: dict
+    tokenizer: Path
+    tokenizer_source: str
+
+
+def _tokenizer_at(model_dir, folder):
+    resolved = contained(model_dir, folder)
+    if resolved is None or not resolved.is_dir():
+        return None
+    for name in TOKENIZER_FILES:
+        found = contained(model_dir, resolved / name)
+        if found is None or not found.is_file():
+            return None
+    try:
+        # from_pretrained reads whatever else is there (tokenizer_config.json, ...): all
+        # of it must be inside the model folder too.
+        check_tree(model_dir, resolved, limit=1000)
+    except LoadError:
+        return None
+    return resolved
+
+
+def find_base_configs(model_dir, version, inpainting=False, prediction_type=None):
+    """The architecture and tokenizer for a single file of ``version``, from local files.
+
+    Raises LoadError naming the files to put where when no tokenizer is to be found.
+    """
+    model_dir = Path(os.path.realpath(model_dir))
+    v_prediction = prediction_type == "v_prediction"
+    chosen = None
+    for rel in base_candidates(version, inpainting, v_prediction):
+        configs = [read_json(model_dir, model_dir / rel / f) for f in CONFIG_FILES]
+        if all(c is not None for c in configs):
+            chosen = (f"the configs of {rel} in the model folder", *configs, model_dir / rel)
+            break
+    if chosen is None:
+        rel, shipped = sdconfigs.SHIPPED[(version, v_prediction)]
+        chosen = (f"runai's built-in configs of {rel}", shipped["unet"], shipped["vae"],
+                  shipped["text_encoder"], shipped["scheduler"], None)
+    source, unet, vae, text_encoder, scheduler, folder = chosen
+    tokenizer = tokenizer_source = None
+    searched = ([folder / "tokenizer"] if folder is not None else []) + [model_dir / t for t in TOKENIZER_FOLDERS]
+    searched += [model_dir / b / "tokenizer" for b in V1_BASES + V2_EPS_BASES + V2_V_BASES]
+    for candidate in searched:
+        tokenizer = _tokenizer_at(model_dir, candidate)
+        if tokenizer is not None:
+            tokenizer_source = tokenizer.relative_to(model_dir).as_posix()
+            break
+    if tokenizer is None:
+        base = base_candidates(version, inpainting, v_prediction)[0]
+        raise LoadError(
+            f"a {version} single-file model needs a CLIP tokenizer, and the model folder has none: put "
+            f"vocab.json and merges.txt in {TOKENIZER_FOLDERS[0]}/ (from openai/clip-vit-large-patch14), "
+            f"or a diffusers copy of {base} (model_index.json, unet/config.json, vae/config.json, "
+            "text_encoder/config.json, scheduler/scheduler_config.json, tokenizer/) in "
+            f"{base}/, inside the model folder"
+        )
+    return BaseConfigs(source, dict(unet), dict(vae), dict(text_encoder), dict(scheduler), tokenizer, tokenizer_source)
+
+
+def _fill(model, converted, what, source, device, dtype, assign):
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in converted or converted[k] is None]
+    if missing:
+        raise LoadError(
+            f"the checkpoint lacks {len(missing)} of the {len(expected)} {what} weights "
+            f"(e.g. {', '.join(sorted(missing)[:3])}): it is not a whole Stable Diffusion model, "
+            f"or not one that fits {source}"
+        )
+    tensors = {}
+    for key, want in expected.items():
+        have = converted[key]
+        if tuple(have.shape) != tuple(want.shape):
+            raise LoadError(
+                f"{what} weight {key} has shape {list(have.shape)} where {source} "
+                f"want {list(want.shape)}"
+            )
+        # A copy, always: model weights must never alias the file's memory map (a file
+        # rewritten in place would pull the pages out from under a running model).
+        tensors[key] = have.to(device=device, dtype=dtype or have.dtype, copy=True)
+    model.load_state_dict(tensors, strict=True, assign=assign)
+    return model
+
+
+def _majority_dtype(state):
+    counts = collections.Counter()
+    for key, tensor in state.items():
+        if key.startswith(UNET) and tensor.is_floating_point():
+            counts[tensor.dtype] += tensor.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _scheduler_from(config):
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        cls = PNDMScheduler
+    return cls.from_config(config)
+
+
+def looks_v_prediction(unet):
+    """AUTOMATIC1111's test for SD 2.x v-models: on a flat latent at the last timestep an
+    epsilon model predicts noise near the input, a v-model something far below it."""
+    param = next(unet.parameters())
+    with torch.inference_mode():
+        x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+        cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=param.device, dtype=param.dtype)
+        t = torch.tensor([999], device=param.device)
+        out = unet(x, t, encoder_hidden_states=cond).sample
+        return (out.float() - x.float()).mean().item() < -1
+
+
+def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, on_step=None):
+    """A StableDiffusionPipeline from a ``.safetensors``/``.ckpt`` file; raises LoadError.
+
+    ``entry`` is the file's :class:`runai.models.library.ModelEntry`; ``dtype`` None keeps the
+    checkpoint's own precision (for conversion). ``on_step(what)`` follows each stage.
+    """
+    step = on_step or (lambda what: None)
+    c = entry.classification
+    if entry.error:
+        raise LoadError(entry.error)
+    if c.kind != "pipeline":
+        raise LoadError(f"it is not a Stable Diffusion model (it looks like a {c.kind} file)")
+    if c.version not in SERVED_VERSIONS:
+        raise LoadError(f"it is a {c.version} model; runai serves Stable Diffusion 1.x and 2.x")
+    base = find_base_configs(model_dir, c.version, c.inpainting, c.prediction_type)
+    step("read")
+    try:
+        state = checkpoint.load_state_dict(path)
+    except CheckpointError as e:
+        raise LoadError(e.message)
+    if dtype is None:
+        dtype = _majority_dtype(state)
+
+    unet_config = dict(base.unet)
+    if c.in_channels and c.in_channels != unet_config.get("in_channels"):
+        unet_config["in_channels"] = c.in_channels
+    if c.version == V2 and c.prediction_type != "epsilon":
+        # SD 2.1's v-model needs attention in float32 to avoid NaNs in float16.
+        unet_config["upcast_attention"] = True
+    step("unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    converted = single_file_utils.convert_ldm_unet_checkpoint(state, unet_config)
+    unet = _fill(unet, converted, "UNet", base.source, device, dtype, assign=True)
+    del converted
+
+    step("vae")
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(base.vae)
+    converted = single_file_utils.convert_ldm_vae_checkpoint(state, base.vae)
+    vae = _fill(vae, converted, "VAE", base.source, device, dtype, assign=True)
+    del converted
+
+    step("text_encoder")
+    te_config = CLIPTextConfig(**{k: v for k, v in base.text_encoder.items() if k != "architectures"})
+    # Built without random initialisation (every weight is overwritten), and not on the
+    # meta device: CLIP's position ids are a buffer that no checkpoint holds.
+    with no_init_weights():
+        text_encoder = CLIPTextModel(te_config)
+    if single_file_utils.is_open_clip_model(state):
+        converted = single_file_utils.convert_open_clip_checkpoint(
+            text_encoder, state, prefix="cond_stage_model.model.")
+    elif single_file_utils.is_clip_model(state):
+        converted = single_file_utils.convert_ldm_clip_checkpoint(state)
+    else:
+        raise LoadError("the checkpoint has no text encoder (no cond_stage_model weights)")
+    if not hasattr(text_encoder, "text_model"):
+        # transformers >= 5.6 flattened CLIPTextModel; the converters still emit the prefix.
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    text_encoder = _fill(text_encoder, converted, "text encoder", base.source, "cpu", dtype, assign=False)
+    text_encoder = text_encoder.to(device=device, dtype=dtype)
+    del converted, state
+
+    step("tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(base.tokenizer), local_files_only=True)
+    v2_bases = V2_EPS_BASES + V2_V_BASES + V2_INPAINT_BASES
+    if c.version == V2 and not any(base.tokenizer_source.startswith(b + "/") for b in v2_bases):
+        # SD 2's own tokenizer pads with "!", not with the end token as CLIP's does; a
+        # tokenizer borrowed from elsewhere is made to pad as SD 2's.
+        tokenizer.pad_token = "!"
+    scheduler_config = dict(base.scheduler)
+    prediction = c.prediction_type
+    if prediction is None and c.version == V2 and unet.config.cross_attention_dim == 1024 \
+            and unet.config.in_channels == 4:
+        prediction = "v_prediction" if looks_v_prediction(unet) else "epsilon"
+        log.info("{name}: no config says how it predicts; its UNet looks like {p}", name=entry.name, p=prediction)
+    if prediction is not None:
+        scheduler_config["prediction_type"] = prediction
+    scheduler = _scheduler_from(scheduler_config)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    log.info("{name}: {version} model, built with {source}, tokenizer from {tokenizer}",
+             name=entry.name, version=c.version, source=base.source, tokenizer=base.tokenizer_source)
+    return pipe

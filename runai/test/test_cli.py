@@ -1,0 +1,98 @@
+"""Tests for runai.cli.common and runai.cli.main: the connection options, the token, the
+client they make, and the ``runai`` command's own pieces. (The ``history``, ``models`` and
+``convert`` subcommands have their own tests.)"""
+
+import io
+import os
+import socket
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from runai.cli import common, main
+from runai.doors.legacy import framing
+
+
+class TokenTests(SynchronousTestCase):
+    def setUp(self):
+        self.patch(os, "environ", {})
+
+    def args(self, token_file=None):
+        return main.parser().parse_args(["ping"] + (["--token-file", token_file] if token_file else []))
+
+    def write(self, text):
+        path = os.path.realpath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_from_a_file_stripped(self):
+        self.assertEqual(common.token(self.args(self.write("  s3cret-token-value \n"))), "s3cret-token-value")
+
+    def test_file_before_environment(self):
+        os.environ["RUNAI_TOKEN"] = "from-env"
+        self.assertEqual(common.token(self.args(self.write("from-file"))), "from-file")
+        self.assertEqual(common.token(self.args()), "from-env")
+
+    def test_none_without_file_or_environment(self):
+        self.assertIsNone(common.token(self.args()))
+        os.environ["RUNAI_TOKEN"] = ""
+        self.assertIsNone(common.token(self.args()))
+
+    def test_home_is_expanded(self):
+        home = os.path.realpath(self.mktemp())
+        os.makedirs(home)
+        with open(os.path.join(home, "token"), "w") as f:
+            f.write("in-home")
+        os.environ["HOME"] = home
+        self.assertEqual(common.token(self.args("~/token")), "in-home")
+
+
+class ConnectTests(SynchronousTestCase):
+    def setUp(self):
+        self.made = []
+        self.patch(common, "BlockingClient", lambda *args, **kwargs: self.made.append((args, kwargs)) or "client")
+        self.patch(os, "environ", {"RUNAI_TOKEN": "t0ken"})
+
+    def test_from_the_options(self):
+        args = main.parser().parse_args(["history", "list", "--host", "10.0.0.2", "--port", "6000",
+                                         "--packet-size", "64"])
+        self.assertEqual(common.connect(args), "client")
+        self.assertEqual(self.made, [(("10.0.0.2", 6000, 64), {"timeout": 120, "token": "t0ken"})])
+
+    def test_defaults_and_timeout(self):
+        args = main.parser().parse_args(["ping"])
+        common.connect(args, timeout=None)
+        self.assertEqual(self.made, [(("127.0.0.1", 50007, framing.DEFAULT_PACKET_SIZE),
+                                      {"timeout": None, "token": "t0ken"})])
+
+    def test_every_server_command_takes_the_connection_options(self):
+        for argv in (["generate", "p", "-m", "v1/x"], ["ping"], ["models"], ["history", "list"],
+                     ["history", "export", "out"], ["history", "delete", "1"]):
+            args = main.parser().parse_args(argv + ["--port", "1", "--token-file", "f"])
+            self.assertEqual((args.port, args.token_file, args.host), (1, "f", "127.0.0.1"), argv)
+
+
+class MainTests(SynchronousTestCase):
+    def test_output_names(self):
+        self.assertEqual(main._output_names("out.png", 1), ["out.png"])
+        self.assertEqual(main._output_names("a/out.png", 2), ["a/out-0.png", "a/out-1.png"])
+        self.assertEqual(main._output_names("out", 2), ["out-0.png", "out-1.png"])
+
+    def test_progress_bar(self):
+        stream = io.StringIO()
+        show = main._progress_bar(stream)
+        show({"action": "queued", "position": 2})
+        show({"action": 4, "step": 1, "total": 2})
+        show({"action": 4, "step": 2, "total": 2})
+        self.assertEqual(stream.getvalue(), "queued: 2 job(s) ahead\n"
+                                            f"\r[{'#' * 15}{'.' * 15}] step 1/2"
+                                            f"\r[{'#' * 30}] step 2/2\n")
+
+    def test_nothing_listening(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        stderr = io.StringIO()
+        self.patch(main.sys, "stderr", stderr)
+        self.assertEqual(main.main(["ping", "--port", str(port)]), 1)
+        self.assertIn(f"nothing listens on 127.0.0.1:{port}", stderr.getvalue())

@@ -1,0 +1,76 @@
+"""runai.backends.local: the worker thread that owns the engine (its pool run in line)."""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from runai.backends.local import LocalWorker
+from runai.core import errors
+from runai.core.jobs import Job, NullListener
+from runai.test.support import ScriptedEngine, SyncPool, SyncReactor
+
+
+class OutOfMemoryError(Exception):
+    """Named like torch's, which the worker recognises by name (it never imports torch)."""
+
+
+class Heard(NullListener):
+    def __init__(self):
+        self.steps = []
+
+    def job_progress(self, job, step, total):
+        self.steps.append(step)
+
+
+class Request:
+    action = "txt2img"
+    id = None
+    steps = 3
+    n_iter = 1
+    image_count = 1
+    width = height = 64
+
+    def seeds(self):
+        return [1]
+
+
+class LocalWorkerTests(SynchronousTestCase):
+    def setUp(self):
+        self.engine = ScriptedEngine()
+        self.made = []
+
+        def factory(device, dtype, **options):
+            self.made.append((device, dtype, options))
+            return self.engine
+
+        self.worker = LocalWorker(SyncReactor(), device="cpu", dtype="float32", engine_factory=factory,
+                                  pool=SyncPool(), engine_options={"cache_models": 3})
+
+    def test_the_engine_is_made_once_in_the_thread(self):
+        self.worker.startService()
+        self.assertTrue(self.worker.pool.started)
+        self.successResultOf(self.worker.warm_up())
+        heard = Heard()
+        self.assertEqual(self.successResultOf(self.worker.run(Job(Request(), "a", heard))), 1)
+        self.assertEqual(heard.steps, [1, 2, 3])
+        self.assertEqual(self.made, [("cpu", "float32", {"cache_models": 3})])
+        self.worker.stopService()
+        self.assertTrue(self.worker.pool.stopped)
+
+    def test_a_cancelled_job_does_not_start(self):
+        job = Job(Request(), "a", Heard())
+        job.cancel_event.set()
+        self.failureResultOf(self.worker.run(job), errors.JobCancelled)
+        self.assertEqual(self.engine.requests, [])
+
+    def test_out_of_memory_has_its_code(self):
+        def full(step):
+            raise OutOfMemoryError("CUDA out of memory")
+        self.engine.during_step = full
+        failure = self.failureResultOf(self.worker.run(Job(Request(), "a", Heard())), errors.RunaiError)
+        self.assertEqual(failure.value.code, errors.OUT_OF_MEMORY)
+
+    def test_a_detached_job_reports_nowhere(self):
+        heard = Heard()
+        job = Job(Request(), "a", heard)
+        self.engine.during_step = lambda step: step == 1 and job.detach()
+        self.successResultOf(self.worker.run(job))
+        self.assertEqual(heard.steps, [])

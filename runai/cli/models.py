@@ -1,4 +1,4 @@
-# -*- test-case-name: runai.test.test_convert -*-
+# -*- test-case-name: runai.test.test_cli_models,runai.test.test_convert -*-
 """``runai models`` (asks the server) and ``runai convert SRC DST`` (runs here, offline).
 
 ``convert`` goes both ways: a ``.safetensors``/``.ckpt`` file becomes a diffusers folder,

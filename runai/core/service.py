@@ -155,9 +155,3 @@ class Core:
         else:
             d = threads.deferToThreadPool(self.reactor, self.pool, self.library.scan)
         return d.addCallback(lambda entries: (entries, loaded))
-
-    def in_pool(self, f, *args):
-        """``f(*args)`` off the reactor thread (in line without a pool), as a Deferred."""
-        if self.pool is None:
-            return defer.maybeDeferred(f, *args)
-        return threads.deferToThreadPool(self.reactor, self.pool, f, *args)

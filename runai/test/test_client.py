@@ -68,3 +68,16 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual(len(data) % 1024, 0)
         self.assertEqual(data[-1024:], bytes(1024))
         self.assertEqual(json.loads(data[:1024].rstrip(b"\0"))["action"], "ping")
+
+
+class ClientTests(SynchronousTestCase):
+    def test_twisted_client_gets_the_models_reply(self):
+        from runai.client import RunaiClientProtocol
+
+        client = RunaiClientProtocol()
+        client.makeConnection(StringTransport())
+        d = client.request({"action": "models", "id": "m"})
+        got = []
+        d.addCallback(got.append)
+        client.message_received({"action": "models", "models": [], "id": "m"})
+        self.assertEqual(got, [[{"action": "models", "models": [], "id": "m"}]])

@@ -164,22 +164,6 @@ class RunRequestTests(SynchronousTestCase):
             os.unlink(source)
 
 
-class CommandTests(SynchronousTestCase):
-    def test_both_directions(self):
-        work = Path(self.mktemp()).absolute()
-        work.mkdir()
-        single = work / "m.safetensors"
-        self.assertEqual(cli.main(["convert", str(fx.tiny_source("v2")), str(single)]), 0)
-        folder = work / "m"
-        self.assertEqual(cli.main(["convert", str(single), str(folder), "--model-dir", str(fx.model_folder())]), 0)
-        from diffusers import StableDiffusionPipeline
-
-        assertSameWeights(self, StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True,
-                                                                         low_cpu_mem_usage=False),
-                          reference("v2"))
-        # Again: nothing is overwritten, and the command says so.
-        self.assertEqual(cli.main(["convert", str(single), str(folder), "--model-dir", str(fx.model_folder())]), 1)
-        self.assertEqual(cli.main(["convert", str(work / "nothing"), str(work / "x")]), 1)
 
 
 class ConvertActionTests(TestCase):

@@ -267,16 +267,3 @@ class CacheSizeOptionTests(SynchronousTestCase):
         self.assertEqual(worker.engine_options, dict(cache_models=32, cache_bytes=4 * 2**30))
         with self.assertRaises(usage.UsageError):
             tap.Options().parseOptions(["--cache-size", "none"])
-
-
-class ClientTests(SynchronousTestCase):
-    def test_twisted_client_gets_the_models_reply(self):
-        from runai.client import RunaiClientProtocol
-
-        client = RunaiClientProtocol()
-        client.makeConnection(StringTransport())
-        d = client.request({"action": "models", "id": "m"})
-        got = []
-        d.addCallback(got.append)
-        client.message_received({"action": "models", "models": [], "id": "m"})
-        self.assertEqual(got, [[{"action": "models", "models": [], "id": "m"}]])

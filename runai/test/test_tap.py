@@ -93,3 +93,35 @@ class NoTorchAtStartTests(SynchronousTestCase):
         code = "import sys, runai.tap, twisted.plugins.runai_plugin; print('torch' in sys.modules)"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         self.assertEqual(out.stdout.strip(), "False")
+
+
+class ListeningTests(SynchronousTestCase):
+    """The door's endpoint, announced: the address logged and the server told, or a
+    failure to listen that stops the reactor rather than leave a server serving nothing."""
+
+    def endpoint(self, result):
+        from twisted.internet import defer
+        from twisted.internet.testing import MemoryReactorClock
+
+        class Endpoint:
+            def listen(self, factory):
+                return defer.succeed(result) if not isinstance(result, Exception) else defer.fail(result)
+
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        self.stops = []
+        self.reactor.stop = lambda: self.stops.append(True)
+        self.started = []
+        return tap._Announced(Endpoint(), "tcp:50007", self.started.append, self.reactor)
+
+    def test_listening_is_announced(self):
+        port = object()
+        self.assertIs(self.successResultOf(self.endpoint(port).listen(None)), port)
+        self.assertEqual((self.started, self.stops), ([port], []))
+
+    def test_a_failure_to_listen_stops_the_reactor(self):
+        from twisted.internet.error import CannotListenError
+
+        self.assertIsNone(self.successResultOf(self.endpoint(CannotListenError("", 50007, "in use")).listen(None)))
+        self.assertEqual((self.started, self.stops), ([], [True]))
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)

@@ -72,10 +72,6 @@ class RunaiFactory(ServerFactory):
         self.clients = set()
         self.auto_shutdown = AutoShutdown(reactor, timeout, self._stop_server) if auto_shutdown else None
 
-    @property
-    def model_dir(self):
-        return self.core.model_dir
-
     # Lifecycle -----------------------------------------------------------------------
 
     def server_started(self):

@@ -2,7 +2,8 @@
 """Clients for runai's socket protocol: a Twisted protocol and a blocking one for scripts.
 
 Both frame exactly like the legacy Krita client (JSON padded to whole packets, then an
-EOM packet), so they double as a reference for client authors.
+EOM packet), so they double as a reference for client authors. Both speak TLS to an
+``ssl:`` server when asked (``tls=True``), verifying its certificate and host name.
 """
 
 import base64
@@ -10,9 +11,13 @@ import json
 import socket
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail, succeed
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
+from runai import tls as _tls
 from runai.doors.legacy import framing
 
 
@@ -63,15 +68,26 @@ def image_of(message):
 
 
 class BlockingClient:
-    """A plain-socket client for scripts: ``with BlockingClient() as c: c.generate(...)``."""
+    """A plain-socket client for scripts: ``with BlockingClient() as c: c.generate(...)``.
+
+    ``tls=True`` speaks TLS to an ``ssl:`` server, its certificate and host name verified
+    against ``ca_file`` (PEM: a self-signed server's certificate) or the system's trust
+    store; one that does not verify raises :class:`runai.tls.TLSError` before anything
+    is sent.
+    """
 
     def __init__(self, host="127.0.0.1", port=50007, packet_size=framing.DEFAULT_PACKET_SIZE, timeout=None,
-                 token=None):
+                 token=None, tls=False, ca_file=None):
         self.packet_size = packet_size
         self.token = token
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls:
+            self.sock = _tls.connect_socket(host, port, timeout=timeout, ca_file=ca_file)
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
         self.decoder = framing.Decoder(packet_size, max_message_size=1 << 30)
         self._pending = []
+        self._over_tls = tls
+        self._answered = False
 
     def __enter__(self):
         return self
@@ -96,7 +112,12 @@ class BlockingClient:
         while not self._pending:
             data = self.sock.recv(1 << 16)
             if not data:
+                if not (self._answered or self._over_tls):
+                    # What a TLS server does with plain text: it closes without a word.
+                    raise ConnectionError("the server closed the connection without answering; "
+                                          "if it listens with an ssl: endpoint, connect with TLS (--tls)")
                 raise ConnectionError("the server closed the connection")
+            self._answered = True
             self._pending.extend(e for e in self.decoder.feed(data) if isinstance(e, framing.Message))
         return json.loads(self._pending.pop(0).payload)
 
@@ -138,12 +159,13 @@ class BlockingClient:
         return self.run(txt2img_request(prompt, model, **options), on_message)
 
 
+@implementer(IHandshakeListener)
 class RunaiClientProtocol(Protocol):
     """A Twisted client: :meth:`request` returns a Deferred of the request's messages.
 
     Requests are answered in order by the server's one queue for a single connection's
     jobs, so replies are matched to requests by their ``id``; a request sent without one
-    is given one.
+    is given one. :func:`connect_client` connects one, over TLS too.
     """
 
     packet_size = framing.DEFAULT_PACKET_SIZE
@@ -153,6 +175,24 @@ class RunaiClientProtocol(Protocol):
         self.on_message = on_message
         self._waiting = {}
         self._next_id = 0
+        self._handshake = []  # with TLS: Deferreds waiting for the server to be verified
+        self.handshake_done = False
+
+    def handshakeCompleted(self):
+        """Twisted's TLS calls this once the server's certificate has verified."""
+        self.handshake_done = True
+        waiting, self._handshake = self._handshake, []
+        for d in waiting:
+            d.callback(self)
+
+    def when_handshake_done(self):
+        """A Deferred that fires with this protocol once the TLS handshake is done, or
+        fails with the reason the connection was lost before that."""
+        if self.handshake_done:
+            return succeed(self)
+        d = Deferred()
+        self._handshake.append(d)
+        return d
 
     def connectionMade(self):
         self.decoder = framing.Decoder(self.packet_size, max_message_size=1 << 30)
@@ -195,3 +235,38 @@ class RunaiClientProtocol(Protocol):
         waiting, self._waiting = self._waiting, {}
         for _, d in waiting.values():
             d.errback(reason)
+        handshake, self._handshake = self._handshake, []
+        for d in handshake:
+            d.errback(reason)
+
+
+def connect_client(reactor, host="127.0.0.1", port=50007, protocol=None, tls=False, ca_file=None,
+                   timeout=30, handshake_timeout=_tls.HANDSHAKE_TIMEOUT):
+    """Connect ``protocol`` (a new :class:`RunaiClientProtocol` by default) to a server.
+
+    Fires with the protocol once it is connected; with ``tls=True``, once the TLS
+    handshake is done and the server's certificate and host name have verified against
+    ``ca_file`` (PEM) or the platform's trust store. A handshake that fails or is not
+    answered within ``handshake_timeout`` seconds fails with :class:`runai.tls.TLSError`;
+    what the protocol sent before is never sent in plain text.
+    """
+    protocol = RunaiClientProtocol() if protocol is None else protocol
+    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if not tls:
+        return endpoints.connectProtocol(endpoint, protocol)
+    try:
+        endpoint = endpoints.wrapClientTLS(_tls.client_options(host, ca_file), endpoint)
+    except _tls.TLSError:
+        return fail()
+
+    def verified(connected):
+        d = connected.when_handshake_done().addTimeout(handshake_timeout, reactor)
+        return d.addErrback(failed, connected)
+
+    def failed(failure, connected):
+        connected.transport.abortConnection()
+        if failure.check(DeferredTimeout):
+            raise _tls.no_handshake(host, port, handshake_timeout)
+        raise _tls.lost_in_handshake(host, port, failure.value, ca_file)
+
+    return endpoints.connectProtocol(endpoint, protocol).addCallback(verified)

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from runai import tls
 from runai.backends.local import LocalWorker
 from runai.core.queue import JobQueue
 from runai.core.service import Core
@@ -54,6 +55,18 @@ def parse_cache_size(value):
     return MAX_CACHED_MODELS, size
 
 
+def checked_endpoint(option, description):
+    """``description``, the Twisted endpoint of ``--option``, once Twisted can listen on it:
+    for ``ssl:``, its key and certificate readable and a pair. A UsageError naming the
+    option and the file otherwise, so that twistd says it in one line and exits 1 at
+    start, never a server that does not listen. Reads the files, listens on nothing."""
+    try:
+        tls.check_server_endpoint(description)
+    except ValueError as e:
+        raise usage.UsageError(f"--{option}: {e}")
+    return description
+
+
 def _positive(kind):
     def convert(value):
         number = kind(value)
@@ -80,6 +93,8 @@ class Options(usage.Options):
         ["port", "p", 50007, "TCP port to listen on (ignored with --listen).", int],
         ["listen", None, None, "A Twisted server endpoint description that overrides --host and "
                                "--port, e.g. tcp:50007:interface=0.0.0.0 or ssl:... for TLS."],
+        ["http", None, None, "Also serve an AUTOMATIC1111-compatible HTTP API on this Twisted endpoint, e.g. "
+                             "tcp:7860:interface=127.0.0.1 (off unless given)."],
         ["model-dir", "m", "~/stablediffusion", "The model folder; clients can reach nothing outside it."],
         ["packet-size", None, framing.DEFAULT_PACKET_SIZE, "Packet size in bytes (the legacy clients use 1024).", int],
         ["max-message-size", None, framing.DEFAULT_MAX_MESSAGE_SIZE,
@@ -140,7 +155,9 @@ class Options(usage.Options):
             host = endpoints.quoteStringArgument(self["host"])
             self["endpoint"] = f"tcp:port={self['port']}:interface={host}"
         else:
-            self["endpoint"] = self["listen"]
+            self["endpoint"] = checked_endpoint("listen", self["listen"])
+        if self["http"] is not None:
+            checked_endpoint("http", self["http"])
 
 
 def _is_loopback(host):
@@ -180,12 +197,12 @@ class _Announced:
         return None
 
 
-def _announce(factory, workers, model_dir):
+def _announce(factory, workers, model_dir, tls_endpoint):
     def started(port):
         address = port.getHost()
         log.info("runai listening on {host}:{port}, models in {models}",
                  host=getattr(address, "host", address), port=getattr(address, "port", ""), models=model_dir)
-        if not _is_loopback(getattr(address, "host", "127.0.0.1")):
+        if not _is_loopback(getattr(address, "host", "127.0.0.1")) and not tls_endpoint:
             log.warn("Listening beyond loopback: anyone who can reach this port can queue jobs on "
                      "this machine; prefer an ssl: endpoint on networks you do not trust")
             if factory.core.store is not None and factory.token is None:
@@ -250,7 +267,29 @@ def makeService(config, reactor=None, pool=None):
         idle_timeout=config["idle-timeout"], auto_shutdown=config["auto-shutdown"], timeout=config["timeout"],
         token=config["token"],
     )
-    endpoint = _Announced(endpoints.serverFromString(reactor, config["endpoint"]), config["endpoint"],
-                          _announce(factory, [worker], library.model_dir), reactor)
+    started = _announce(factory, [worker], library.model_dir, tls_endpoint=config["endpoint"].startswith("ssl:"))
+    endpoint = _Announced(endpoints.serverFromString(reactor, config["endpoint"]), config["endpoint"], started,
+                          reactor)
     StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    if config.get("http") is not None:
+        _http_door(config, core, reactor, pool).setServiceParent(top)
     return top
+
+
+def _http_door(config, core, reactor, pool):
+    """The AUTOMATIC1111-compatible HTTP door (``--http``), on the same core."""
+    from runai.doors.http.api import Api
+    from runai.doors.http.site import make_site
+
+    site = make_site(Api(core, reactor, pool=pool, token=config["token"]), max_body=config["max-message-size"])
+
+    def started(port):
+        address = port.getHost()
+        host = getattr(address, "host", "127.0.0.1")
+        log.info("runai HTTP API listening on {host}:{port}", host=host, port=getattr(address, "port", ""))
+        if not _is_loopback(host) and (config["token"] is None or not config["http"].startswith("ssl:")):
+            log.warn("The HTTP API listens beyond loopback without --token-file and an ssl: endpoint: anyone "
+                     "who can reach it can queue jobs and read what it answers")
+
+    endpoint = _Announced(endpoints.serverFromString(reactor, config["http"]), config["http"], started, reactor)
+    return StreamServerEndpointService(endpoint, site)

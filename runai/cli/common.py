@@ -17,6 +17,12 @@ def connection_options():
     options.add_argument("--packet-size", type=int, default=framing.DEFAULT_PACKET_SIZE)
     options.add_argument("--token-file", default=None,
                          help="file holding the server's token (or set RUNAI_TOKEN)")
+    options.add_argument("--tls", action="store_true",
+                         help="connect over TLS (a server listening with ssl:), verifying its certificate "
+                              "and host name against the system's trust store, or --ca-file")
+    options.add_argument("--ca-file", default=None, metavar="FILE",
+                         help="PEM certificate(s) to trust instead of the system's, e.g. a self-signed "
+                              "server's cert.pem (implies --tls)")
     return options
 
 
@@ -31,4 +37,5 @@ def token(args):
 def connect(args, timeout=120):
     """A :class:`BlockingClient` connected to the server that ``args`` name; ``timeout``
     (seconds, None: none) bounds the connection and each read."""
-    return BlockingClient(args.host, args.port, args.packet_size, timeout=timeout, token=token(args))
+    return BlockingClient(args.host, args.port, args.packet_size, timeout=timeout, token=token(args),
+                          tls=args.tls or args.ca_file is not None, ca_file=args.ca_file)

@@ -11,40 +11,17 @@ import base64
 import datetime
 import json
 import os
-import struct
 import sys
-import zlib
 
 from runai.cli.common import connect
+from runai.core import pngtext
+from runai.core.pngtext import png_with_text
 from runai.client import ServerError
 from runai.doors.legacy.history import MAX_LIMIT
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _chunk(kind, data):
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_with_text(png, texts):
-    """``png`` with an iTXt chunk (UTF-8, uncompressed) per ``texts`` entry after its
-    IHDR; the image data is left byte for byte as it was."""
-    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
-        raise ValueError("not a PNG image")
-    end_of_ihdr = 8 + 12 + struct.unpack(">I", png[8:12])[0]
-    chunks = b"".join(
-        _chunk(b"iTXt", key.encode("latin-1") + b"\x00\x00\x00" + b"\x00" + b"\x00" + value.encode("utf-8"))
-        for key, value in texts.items()
-    )
-    return png[:end_of_ihdr] + chunks + png[end_of_ihdr:]
-
 
 def parameters_text(item, image):
     """The ``parameters`` text that AUTOMATIC1111-style tools show and read back."""
     params = item.get("params", {})
-    text = item.get("prompt", "")
-    if item.get("negative_prompt"):
-        text += f"\nNegative prompt: {item['negative_prompt']}"
     fields = [
         ("Steps", params.get("steps")), ("Sampler", params.get("scheduler")), ("CFG scale", params.get("scale")),
         ("Seed", image.get("seed")), ("Size", f"{image.get('width')}x{image.get('height')}"),
@@ -52,7 +29,7 @@ def parameters_text(item, image):
     ]
     if item.get("action") != "txt2img" and params.get("strength") is not None:
         fields.append(("Denoising strength", params.get("strength")))
-    return text + "\n" + ", ".join(f"{name}: {value}" for name, value in fields if value is not None)
+    return pngtext.parameters_text(item.get("prompt", ""), item.get("negative_prompt"), fields)
 
 
 def _ask(client, obj):

@@ -43,6 +43,13 @@ class Fields:
             raise errors.RunaiError(errors.BAD_REQUEST, f"{label} must be a string")
         if max_chars is not None and len(value) > max_chars:
             raise errors.RunaiError(errors.OUT_OF_RANGE, f"{label} is longer than {max_chars} characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # JSON can carry a lone surrogate ("\ud83d"), which is no text: the tokenizer,
+            # the history and every encoder after it would fail on it.
+            raise errors.RunaiError(
+                errors.BAD_REQUEST, f"{label} is not valid text: a lone surrogate at character {e.start}")
         return value
 
     def integer(self, name, default, low, high, required=False):

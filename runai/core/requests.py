@@ -4,7 +4,8 @@
 A door reads its own format into :class:`runai.core.fields.Fields` and calls
 :func:`generation_request` or :func:`convert_request`, which check every value and every
 size a client controls before anything waits in the queue. Torch-free: this runs on the
-reactor thread (or, for a large request, in its thread pool).
+reactor thread, or in its thread pool for a large request and for one with images, which
+are decoded whole here (:func:`runai.core.images.check_image`).
 """
 
 import os
@@ -97,6 +98,11 @@ def _size(fields, name, limits, default=512):
     return value
 
 
+def _image(value, what):
+    """A client image, checked; one a door has checked already (an EncodedImage) is kept."""
+    return value if isinstance(value, EncodedImage) else check_image(value, what)
+
+
 def generation_request(action, fields, model_dir, limits=Limits(), id=None):
     """A :class:`GenerationRequest` for ``action`` from ``fields`` (plain names: ``model``,
     ``prompt``, ``steps``, ...); raises :class:`runai.core.errors.RunaiError`."""
@@ -111,7 +117,7 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         raw_pixels = fields.raw("pixels")
         if raw_pixels is None:
             raise errors.RunaiError(errors.BAD_REQUEST, f"missing option 'pixels' (the {action} input image)")
-        pixels = check_image(raw_pixels, "pixels")
+        pixels = _image(raw_pixels, "pixels")
         # Without an explicit size, paint at the picture's own size (to the multiple of 8),
         # scaled down to the size limit if it is larger.
         multiple = limits.size_multiple
@@ -120,7 +126,7 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         default_height = max(limits.min_size, int(pixels.height * scale) // multiple * multiple)
     if action in MASK_ACTIONS:
         raw_mask = fields.raw("mask")
-        mask = None if raw_mask is None else check_image(raw_mask, "mask")
+        mask = None if raw_mask is None else _image(raw_mask, "mask")
     width = _size(fields, "width", limits, default_width)
     height = _size(fields, "height", limits, default_height)
     strength = fields.number("strength", 1.0 if action in MASK_ACTIONS else 0.8, 0.0, 1.0)

@@ -2,25 +2,14 @@
 """Client images in the worker: decoded, resized, masked and composited.
 
 They were checked on arrival (:mod:`runai.core.images`): only PNG, JPEG and WebP, the
-pixel count read from the header and capped before a single pixel is decoded.
+pixel count read from the header and capped before a single pixel is decoded, then
+decoded whole the way :func:`runai.core.images.decode` decodes them here again.
 """
 
-import io
-
-from PIL import Image, ImageOps
+from PIL import Image
 
 from runai.core import errors
-from runai.core.images import FORMATS
-
-
-def decode(encoded):
-    """Decode the pixels (in the worker thread); JPEG orientation applied."""
-    with Image.open(io.BytesIO(encoded.data), formats=FORMATS) as image:
-        image.load()
-        if (image.width, image.height) != (encoded.width, encoded.height):
-            raise errors.RunaiError(errors.BAD_REQUEST, "the image changed size while decoding")
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGBA")
+from runai.core.images import decode
 
 
 def prepare(encoded_pixels, encoded_mask, width, height, need_mask):
@@ -30,14 +19,14 @@ def prepare(encoded_pixels, encoded_mask, width, height, need_mask):
     with its empty part transparent. A given mask is combined with the transparency; a
     mask of another size is stretched to the image's.
     """
-    rgba = decode(encoded_pixels)
+    rgba = decode(encoded_pixels, "pixels")
     if rgba.size != (width, height):
         rgba = rgba.resize((width, height), Image.LANCZOS)
     alpha = rgba.getchannel("A")
     # Repaint wherever the canvas is not fully opaque.
     mask = alpha.point(lambda a: 255 if a < 255 else 0)
     if encoded_mask is not None:
-        given = decode(encoded_mask)
+        given = decode(encoded_mask, "mask")
         # A mask's transparent parts mean "keep", whatever their colour.
         given = Image.composite(given.convert("L"), Image.new("L", given.size, 0), given.getchannel("A"))
         if given.size != (width, height):

@@ -169,6 +169,21 @@ def _torch_load_restricted(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
+def _refusal(message):
+    """The line of torch's weights-only message that says what it refused.
+
+    torch wraps it in advice a server should not act on (allow-list the global, load
+    without weights_only) and a pointer to its documentation; the line that names the
+    global ("GLOBAL posix.system whose module posix is blocked") is the one to keep.
+    """
+    message = message.split("Check the documentation of torch.load", 1)[0]
+    lines = [line.strip() for line in message.split("WeightsUnpickler error:")[-1].splitlines()]
+    named = [line for line in lines if "GLOBAL" in line]
+    lines = named or [line for line in lines if line and "weights_only" not in line]
+    reason = lines[-1].split(" Please use", 1)[0] if lines else ""
+    return reason.removeprefix("Weights only load failed.").strip() or "unsupported content"
+
+
 def load_state_dict(path):
     """``{name: tensor}`` of a ``.safetensors`` or ``.ckpt`` file, on the CPU.
 
@@ -188,12 +203,8 @@ def load_state_dict(path):
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
-        # torch's message names the global; the advice it gives (allow-list it) is not
-        # one a server should act on.
-        reason = str(e).split("Please use", 1)[0].split("WeightsUnpickler error:")[-1].strip()
-        reason = reason.splitlines()[-1].strip() if reason else "unsupported content"
         raise CheckpointError(
-            f"refused to unpickle it: {reason[:300]} (only tensors and a few harmless "
+            f"refused to unpickle it: {_refusal(str(e))[:300]} (only tensors and a few harmless "
             "globals are allowed in a .ckpt; convert it to .safetensors with a tool you trust)"
         )
     except (OSError, RuntimeError, ValueError, EOFError) as e:

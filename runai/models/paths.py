@@ -110,6 +110,10 @@ def resolve_model(model_dir, name, base_path=None):
     display = resolved.relative_to(model_dir).as_posix()
     if model_format(resolved):
         return resolved, display
+    if resolved == model_dir:
+        # "." or "./": no name to add an extension to (".safetensors" beside the folder).
+        raise errors.RunaiError(
+            errors.MODEL_NOT_FOUND, f"model {name!r} is the model folder itself; name a model inside it")
     explicit = literal.suffix.lower() in MODEL_FILE_SUFFIXES
     if not explicit and literal.name:
         for suffix in MODEL_FILE_SUFFIXES:

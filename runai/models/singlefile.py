@@ -50,7 +50,9 @@ V2_INPAINT_BASES = ["stabilityai/stable-diffusion-2-inpainting"]
 # CLIP's BPE vocabulary is the same for SD 1.x and 2.x: any of these tokenizers will do.
 TOKENIZER_FOLDERS = ["openai/clip-vit-large-patch14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
 CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
+# What a CLIP tokenizer folder holds: the BPE files (what openai/clip-vit-large-patch14
+# ships), or one tokenizer.json (what current transformers and `runai convert` write).
+TOKENIZER_FILE_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 
 def base_candidates(version, inpainting, v_prediction):
@@ -75,10 +77,13 @@ def _tokenizer_at(model_dir, folder):
     resolved = contained(model_dir, folder)
     if resolved is None or not resolved.is_dir():
         return None
-    for name in TOKENIZER_FILES:
+
+    def present(name):
         found = contained(model_dir, resolved / name)
-        if found is None or not found.is_file():
-            return None
+        return found is not None and found.is_file()
+
+    if not any(all(present(name) for name in names) for names in TOKENIZER_FILE_SETS):
+        return None
     try:
         # from_pretrained reads whatever else is there (tokenizer_config.json, ...): all
         # of it must be inside the model folder too.
@@ -118,7 +123,8 @@ def find_base_configs(model_dir, version, inpainting=False, prediction_type=None
         base = base_candidates(version, inpainting, v_prediction)[0]
         raise LoadError(
             f"a {version} single-file model needs a CLIP tokenizer, and the model folder has none: put "
-            f"vocab.json and merges.txt in {TOKENIZER_FOLDERS[0]}/ (from openai/clip-vit-large-patch14), "
+            f"vocab.json and merges.txt (or a tokenizer.json) in {TOKENIZER_FOLDERS[0]}/ "
+            "(from openai/clip-vit-large-patch14), "
             f"or a diffusers copy of {base} (model_index.json, unet/config.json, vae/config.json, "
             "text_encoder/config.json, scheduler/scheduler_config.json, tokenizer/) in "
             f"{base}/, inside the model folder"
@@ -242,6 +248,10 @@ def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, 
 
     step("tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(base.tokenizer), local_files_only=True)
+    if tokenizer.model_max_length > te_config.max_position_embeddings:
+        # Without a tokenizer_config.json, transformers takes 1e30 tokens for the limit,
+        # and every prompt fails to encode (OverflowError); CLIP's is its positions, 77.
+        tokenizer.model_max_length = te_config.max_position_embeddings
     v2_bases = V2_EPS_BASES + V2_V_BASES + V2_INPAINT_BASES
     if c.version == V2 and not any(base.tokenizer_source.startswith(b + "/") for b in v2_bases):
         # SD 2's own tokenizer pads with "!", not with the end token as CLIP's does; a

@@ -122,3 +122,15 @@ def tiny_request(prompt, seed, n_samples=1, n_iter=1, rid=None):
     return txt2img_request(prompt, "v1/tiny", request_id=rid, steps=1, seed=seed, width=64, height=64,
                            n_samples=n_samples, n_iter=n_iter)
 
+
+def running_store(testcase, reactor):
+    """A Store on the real ``reactor`` in a fresh folder of ``testcase``'s, started, and
+    stopped when the test ends."""
+    from runai.history import store
+
+    folder = os.path.realpath(testcase.mktemp())
+    os.makedirs(folder)
+    running = store.Store(os.path.join(folder, "h.db"), KEY, reactor)
+    running.startService()
+    testcase.addCleanup(running.stopService)
+    return running

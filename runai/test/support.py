@@ -6,6 +6,8 @@ the worker's thread-pool calls by hand; the real engine is exercised end to end 
 
 import json
 import os
+import re
+import time
 from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address
@@ -182,3 +184,17 @@ class ServerTestCase(FactoryTestCase):
     def request(self, **options):
         options.setdefault("steps", 3)
         return txt2img_request("a lighthouse", "v1/tiny", **options)
+
+
+def reported_port(server, timeout=120):
+    """The port a ``twistd ... runai`` subprocess (its output piped, as text) reports it
+    listens on, or None if it ends or says nothing within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = server.stdout.readline()
+        if not line:
+            return None
+        found = re.search(r"runai listening on 127\.0\.0\.1:(\d+)", line)
+        if found:
+            return int(found.group(1))
+    return None

@@ -16,11 +16,10 @@ from twisted.trial.unittest import TestCase
 
 from runai.core import errors
 from runai.doors.legacy import framing
-from runai.history import store
 from runai.backends.local import LocalWorker
 from runai.test.support import FakeImage, decode_all, frame, make_server
 from runai.test.test_legacy_history import ServerTestCase
-from runai.test.store_fixtures import KEY, request
+from runai.test.store_fixtures import request, running_store
 
 
 class SlowReader(StringTransport):
@@ -228,11 +227,7 @@ class RealSocketTests(TestCase):
 
     @inlineCallbacks
     def setUp(self):
-        folder = os.path.realpath(self.mktemp())
-        os.makedirs(folder)
-        self.store = store.Store(os.path.join(folder, "h.db"), KEY, reactor)
-        self.store.startService()
-        self.addCleanup(self.store.stopService)
+        self.store = running_store(self, reactor)
         record = self.store.begin(request())
         self.pngs = [os.urandom(self.image_bytes) for _ in range(self.images)]
         for index, data in enumerate(self.pngs):

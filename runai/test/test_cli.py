@@ -57,13 +57,22 @@ class ConnectTests(SynchronousTestCase):
         args = main.parser().parse_args(["history", "list", "--host", "10.0.0.2", "--port", "6000",
                                          "--packet-size", "64"])
         self.assertEqual(common.connect(args), "client")
-        self.assertEqual(self.made, [(("10.0.0.2", 6000, 64), {"timeout": 120, "token": "t0ken"})])
+        self.assertEqual(self.made, [(("10.0.0.2", 6000, 64), {"timeout": 120, "token": "t0ken",
+                                                                "tls": False, "ca_file": None})])
 
     def test_defaults_and_timeout(self):
         args = main.parser().parse_args(["ping"])
         common.connect(args, timeout=None)
         self.assertEqual(self.made, [(("127.0.0.1", 50007, framing.DEFAULT_PACKET_SIZE),
-                                      {"timeout": None, "token": "t0ken"})])
+                                      {"timeout": None, "token": "t0ken", "tls": False, "ca_file": None})])
+
+    def test_tls_and_a_ca_file(self):
+        for argv, tls, ca_file in ((["--tls"], True, None), (["--tls", "--ca-file", "c.pem"], True, "c.pem"),
+                                   (["--ca-file", "c.pem"], True, "c.pem")):
+            self.made.clear()
+            common.connect(main.parser().parse_args(["models", *argv]))
+            [(_, options)] = self.made
+            self.assertEqual((options["tls"], options["ca_file"]), (tls, ca_file), argv)
 
     def test_every_server_command_takes_the_connection_options(self):
         for argv in (["generate", "p", "-m", "v1/x"], ["ping"], ["models"], ["history", "list"],

@@ -13,6 +13,7 @@ from PIL import Image
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai.cli import history as history_cli
+from runai.core import pngtext
 from runai.history import store
 from runai.client import BlockingClient
 from runai.test.store_fixtures import KEY, PROMPT_MARKER, start_twistd, tiny_request
@@ -32,7 +33,7 @@ class ExportFormatTests(SynchronousTestCase):
                 "negative_prompt": "fog", "params": {"steps": 20, "scheduler": "euler_a", "scale": 7.5}}
         about = {"seed": 42, "width": 8, "height": 8, "index": 0}
         texts = {"parameters": history_cli.parameters_text(item, about), "runai": json.dumps(item)}
-        tagged = history_cli.png_with_text(original, texts)
+        tagged = pngtext.png_with_text(original, texts)
         picture = Image.open(io.BytesIO(tagged))
         picture.load()
         self.assertEqual(picture.text["parameters"],
@@ -40,7 +41,7 @@ class ExportFormatTests(SynchronousTestCase):
                          "Steps: 20, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 8x8, Model: v1/tiny")
         self.assertEqual(json.loads(picture.text["runai"]), item)
         self.assertEqual(picture.tobytes(), Image.open(io.BytesIO(original)).tobytes())
-        self.assertRaises(ValueError, history_cli.png_with_text, b"GIF89a", texts)
+        self.assertRaises(ValueError, pngtext.png_with_text, b"GIF89a", texts)
 
 
 class FakeServer:

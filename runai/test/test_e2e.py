@@ -9,13 +9,11 @@ import base64
 import io
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 from PIL import Image
 from twisted.internet import reactor, threads
@@ -25,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from runai.core import errors
 from runai.backends.local import LocalWorker
 from runai.models.library import ModelLibrary
-from runai.test.support import make_server
+from runai.test.support import make_server, reported_port
 
 P = 1024
 _models = None
@@ -191,12 +189,12 @@ class EndToEndTests(LiveServer, TestCase):
         import threading
         import numpy as np
         threads_used = []
-        parse = self.factory.parse
+        build = self.factory.build
 
-        def recording(payload):
+        def recording(obj):
             threads_used.append(threading.current_thread())
-            return parse(payload)
-        self.factory.parse = recording
+            return build(obj)
+        self.factory.build = recording
         canvas = Image.fromarray(np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8))
         buf = io.BytesIO()
         canvas.save(buf, format="PNG")
@@ -268,14 +266,7 @@ class TwistdTests(SynchronousTestCase):
             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.addCleanup(lambda: server.poll() is None and server.kill())
-        port = None
-        deadline = time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line:
-                break
-            found = re.search(r"runai listening on 127\.0\.0\.1:(\d+)", line)
-            port = int(found.group(1)) if found else None
+        port = reported_port(server, timeout=120)
         self.assertIsNotNone(port, "the server did not report its port")
 
         output = os.path.join(self.mktemp() + "-out", "lighthouse.png")

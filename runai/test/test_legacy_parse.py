@@ -244,6 +244,19 @@ class ParseRequestTests(ModelDirMixin, SynchronousTestCase):
         ):
             self.assert_code(self.txt2img(**options), errors.BAD_REQUEST)
 
+    def test_lone_surrogate_in_a_prompt_refused_naming_it(self):
+        # JSON carries "\ud83d" (half an emoji) as a str no encoder takes: the tokenizer
+        # would crash on it in the worker. Whole emoji are text like any other.
+        for name in ("txt2img_prompt", "txt2img_negative_prompt", "prompt", "negative_prompt"):
+            for text in ("\ud83d", "a cat \udca9 in a hat"):
+                # The plain name only counts where the prefixed one is absent.
+                obj = json.loads(json.dumps(self.txt2img(**{"txt2img_prompt": None, "prompt": "a cat", name: text})))
+                error = self.assert_code(obj, errors.BAD_REQUEST)
+                self.assertIn(repr(name), error.message)
+        request = self.parse(json.loads(r'{"action": "txt2img", "options": {"txt2img_model": "v1/tiny", '
+                                        r'"txt2img_prompt": "a \ud83d\udc31"}}'))
+        self.assertEqual(request.prompt, "a \U0001f431")
+
     def test_out_of_range(self):
         limits = Limits()
         for options in (

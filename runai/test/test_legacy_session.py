@@ -5,7 +5,7 @@ from runai.core import errors
 from runai.client import txt2img_request
 from runai.doors.legacy.factory import AutoShutdown
 from runai.doors.legacy.session import Session
-from runai.test.support import ServerTestCase, frame
+from runai.test.support import ManualPool, ServerTestCase, frame
 
 P = 1024
 
@@ -46,6 +46,73 @@ class RobustnessTests(ServerTestCase):
             proto.dataReceived(frame(request))
         errors_seen = [m["error"]["code"] for m in self.replies(transport) if "error" in m]
         self.assertEqual(errors_seen, [errors.QUEUE_FULL])
+
+
+def img2img_request(action="img2img", truncated=False, **options):
+    """A small ``action`` request with a 64x64 PNG (cut in half when ``truncated``)."""
+    import base64
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.frombytes("L", (64, 64), bytes(i * 7919 % 251 for i in range(64 * 64))).save(buf, format="PNG")
+    data = buf.getvalue()[:len(buf.getvalue()) // 2] if truncated else buf.getvalue()
+    request = txt2img_request("x", "v1/tiny", steps=3)
+    request["action"] = action
+    request["options"] = {k.replace("txt2img", action): v for k, v in request["options"].items()}
+    request["options"].update(pixels=base64.b64encode(data).decode(), **options)
+    return request
+
+
+class ImageArrivalTests(ServerTestCase):
+    """Client images are decoded whole on arrival, off the reactor, before the queue."""
+
+    def setUp(self):
+        super().setUp()
+        self.parse_pool = self.factory.parse_pool = ManualPool()
+
+    def test_requests_with_images_are_parsed_in_the_pool_in_order(self):
+        proto, transport = self.connect()
+        request = img2img_request()
+        self.assertLess(len(frame(request)), self.factory.parse_in_thread_bytes)
+        proto.dataReceived(frame(request) + frame({"action": "ping", "id": "after"}))
+        # The image waits for a thread; the ping waits for the image.
+        self.assertEqual((len(self.parse_pool.calls), self.replies(transport)), (1, []))
+        self.parse_pool.run_one()
+        self.assertEqual(len(self.pool.calls), 1)  # the job reached the queue
+        [pong] = self.replies(transport)
+        self.assertEqual((pong["action"], pong["id"]), ("pong", "after"))
+
+    def test_other_requests_are_parsed_in_line(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame(self.request()) + frame({"action": "ping"}))
+        self.assertEqual(self.parse_pool.calls, [])
+        self.assertEqual(self.replies(transport)[-1]["action"], "pong")
+
+    def test_an_escaped_action_still_goes_to_the_pool(self):
+        import json
+
+        from runai.doors.legacy import framing
+        proto, transport = self.connect()
+        request = {"action": "img2img", "options": {"model": "v1/tiny", "prompt": "x", "steps": 3,
+                                                    "pixels": img2img_request()["options"]["pixels"]}}
+        payload = json.dumps(request).replace('"img2img"', '"img2im\\u0067"').encode()
+        self.assertNotIn(b"img2img", payload)
+        proto.dataReceived(framing.encode(payload))
+        self.assertEqual(len(self.parse_pool.calls), 1)
+        self.parse_pool.run_one()
+        self.assertEqual(len(self.pool.calls), 1)  # an img2img job, queued
+
+    def test_a_corrupt_image_is_refused_before_the_queue(self):
+        proto, transport = self.connect()
+        truncated = img2img_request(truncated=True)["options"]["pixels"]
+        for what, request in (("pixels", img2img_request(truncated=True)),
+                              ("mask", img2img_request("inpaint", mask=truncated))):
+            proto.dataReceived(frame(request))
+            self.parse_pool.run_one()
+            [reply] = self.replies(transport)
+            self.assertEqual(reply["error"]["code"], errors.BAD_REQUEST)
+            self.assertIn(f"option {what!r} is a corrupt or truncated image", reply["error"]["message"])
+        self.assertEqual((self.pool.calls, self.engine.requests), ([], []))
 
 
 class TokenTests(ServerTestCase):

@@ -275,6 +275,29 @@ def _png_claiming(width, height):
                             + data[33:]).decode("ascii")
 
 
+def _png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def corrupt_images():
+    """Images whose header is sound and whose pixels or metadata are not, as bytes."""
+    good = {fmt: base64.b64decode(png(picture(), fmt)) for fmt in ("PNG", "JPEG", "WEBP")}
+    data = good["PNG"]
+    head, idat = data[:33], zlib.decompress(data[41:41 + struct.unpack(">I", data[33:37])[0]])
+    stream = zlib.compress(idat)
+    broken = stream[:len(stream) // 2] + b"\xff" * 64 + stream[len(stream) // 2 + 64:]
+    bomb = _png_chunk(b"zTXt", b"k\0\0" + zlib.compress(b"\0" * (8 * 1024 * 1024), 9))
+    end = _png_chunk(b"IEND", b"")
+    return {
+        "truncated PNG": data[:len(data) // 2], "truncated JPEG": good["JPEG"][:len(good["JPEG"]) // 2],
+        "truncated WebP": good["WEBP"][:len(good["WEBP"]) // 2],
+        "broken IDAT stream": head + _png_chunk(b"IDAT", broken) + end,
+        "text-chunk bomb": head + _png_chunk(b"IDAT", stream) + bomb + end,
+        "text chunks past Pillow's bound": head + _png_chunk(b"IDAT", stream)
+        + _png_chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * 1_000_000, 9)) * 70 + end,
+    }
+
+
 class InputImageTests(SynchronousTestCase):
     def code(self, value):
         with self.assertRaises(errors.RunaiError) as caught:
@@ -310,6 +333,26 @@ class InputImageTests(SynchronousTestCase):
         with self.assertRaises(errors.RunaiError) as caught:
             parse(request("img2img"))
         self.assertEqual(caught.exception.code, errors.BAD_REQUEST)
+
+    def test_corrupt_images_refused_on_arrival_naming_the_option(self):
+        # Decoded whole on arrival: not answered "internal" after waiting in the queue.
+        for name, data in corrupt_images().items():
+            encoded = base64.b64encode(data).decode("ascii")
+            for what, options in (("pixels", {"pixels": encoded}),
+                                  ("mask", {"pixels": png(picture()), "mask": encoded})):
+                with self.assertRaises(errors.RunaiError, msg=f"{name} as {what}") as caught:
+                    parse(request("inpaint", **options))
+                self.assertEqual(caught.exception.code, errors.BAD_REQUEST, f"{name} as {what}")
+                self.assertIn(repr(what), caught.exception.message, name)
+
+    def test_the_worker_refuses_a_corrupt_image_too(self):
+        # Should one ever get past arrival: the client's error, not a crash of the worker.
+        from runai.engine import images as engine_images
+        data = corrupt_images()["broken IDAT stream"]
+        with self.assertRaises(errors.RunaiError) as caught:
+            engine_images.prepare(core_images.EncodedImage(data, "PNG", 64, 64, "RGB"), None, 64, 64, False)
+        self.assertEqual(caught.exception.code, errors.BAD_REQUEST)
+        self.assertIn("'pixels'", caught.exception.message)
 
 
 class SafetyCheckerTests(ModeTestCase):

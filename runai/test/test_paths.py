@@ -202,6 +202,13 @@ class ResolveModelTests(SynchronousTestCase):
         self.assert_code("v1/\ud800", errors.BAD_REQUEST)
         self.assert_code("v1/tiny", errors.BAD_REQUEST, str(self.model_dir) + "/\udfff")
 
+    def test_the_model_folder_itself(self):
+        # Not a name to add ".safetensors" to (that was "..safetensors", outside).
+        for name, base in ((".", None), ("./", None), (str(self.model_dir), None), ("v1/..", None), ("..", "v1")):
+            error = self.assert_code(name, errors.MODEL_NOT_FOUND, base)
+            self.assertIn("is the model folder itself", error.message)
+            self.assertNotIn("safetensors", error.message)
+
 
 class SafetyCheckerPathTests(SynchronousTestCase):
     def setUp(self):

@@ -114,6 +114,42 @@ class OfflineTests(LoaderTestCase):
         [image] = generate(self.engine(models), request(models, "v1/m.safetensors"))
         self.assertTrue(image.png.startswith(b"\x89PNG"))
 
+    def base_without_tokenizer(self, kind, base):
+        """A model folder with the configs of ``base`` (no tokenizer/) and a single file of
+        ``kind`` in ``<kind>/m.safetensors``; returns the folder."""
+        models = Path(self.mktemp()).absolute()
+        shutil.copytree(fx.tiny_source(kind), models / base, ignore=shutil.ignore_patterns("*.safetensors"))
+        shutil.rmtree(models / base / "tokenizer")
+        (models / kind).mkdir()
+        source = {"v1": "v1/both.safetensors", "v2": "v2/tiny.safetensors"}[kind]
+        shutil.copy(self.models / source, models / kind / "m.safetensors")
+        return models
+
+    def test_vocab_and_merges_alone_make_a_tokenizer(self):
+        # What the README and the error ask for: no tokenizer_config.json, so no
+        # model_max_length; CLIP's 77 it is, or every prompt fails to encode.
+        models = self.base_without_tokenizer("v1", "runwayml/stable-diffusion-v1-5")
+        clip = models / "openai" / "clip-vit-large-patch14"
+        write_tokenizer(clip)
+        (clip / "tokenizer_config.json").unlink()
+        self.assertEqual(sorted(os.listdir(clip)), ["merges.txt", "vocab.json"])
+        engine = self.engine(models)
+        [image] = generate(engine, request(models, "v1/m.safetensors"))
+        self.assertTrue(image.png.startswith(b"\x89PNG"))
+        self.assertEqual(engine.load(str(models / "v1" / "m.safetensors")).tokenizer.model_max_length, 77)
+
+    def test_tokenizer_json_alone_is_a_tokenizer_for_every_family(self):
+        for kind, base in (("v1", "runwayml/stable-diffusion-v1-5"), ("v2", "stabilityai/stable-diffusion-2-1-base")):
+            models = self.base_without_tokenizer(kind, base)
+            (models / base / "tokenizer").mkdir()
+            shutil.copy(fx.tiny_source(kind) / "tokenizer" / "tokenizer.json", models / base / "tokenizer")
+            engine = self.engine(models)
+            [image] = generate(engine, request(models, f"{kind}/m.safetensors"))
+            self.assertTrue(image.png.startswith(b"\x89PNG"), kind)
+            pipe = engine.load(str(models / kind / "m.safetensors"))
+            self.assertEqual(pipe.tokenizer.model_max_length, 77, kind)
+            self.assertEqual(pipe.tokenizer("a lighthouse").input_ids[-1], pipe.tokenizer.eos_token_id, kind)
+
 
 class BaseConfigTests(SynchronousTestCase):
     def test_candidates(self):

@@ -125,3 +125,20 @@ class ListeningTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(self.endpoint(CannotListenError("", 50007, "in use")).listen(None)))
         self.assertEqual((self.started, self.stops), ([], [True]))
         self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+
+
+class HttpOptionTests(SynchronousTestCase):
+    def test_the_http_door_is_off_unless_asked_for(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        def services(*args):
+            options = tap.Options()
+            options.parseOptions(["--port", "0", *args])
+            return list(tap.makeService(options, reactor=MemoryReactorClock()))
+
+        self.assertEqual(len(services()), 3)
+        with_http = services("--http", "tcp:0:interface=127.0.0.1")
+        self.assertEqual(len(with_http), 4)
+        site = with_http[3].factory
+        self.assertIs(site.resource.children[b"sdapi"].children[b"v1"].core, with_http[2].factory.core)
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--http", "nonsense:1"])

@@ -10,7 +10,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from runai.core import errors
-from runai.core.requests import Limits
+from runai.core.requests import IMAGE_ACTIONS, Limits
 from runai.doors.legacy import framing
 from runai.doors.legacy.parse import decode_message, parse_request
 from runai.doors.legacy.protocol import RunaiProtocol
@@ -46,14 +46,16 @@ class AutoShutdown:
 
 class RunaiFactory(ServerFactory):
     """``core`` serves the requests; ``reactor`` is the clock of timeouts; ``parse_pool``
-    (a ThreadPool, or None to parse everything in line) takes the large requests."""
+    (a ThreadPool, or None to parse everything in line) takes the large requests and
+    those with images."""
 
     protocol = RunaiProtocol
     log = Logger()
 
     # Bounds on what clients together can make the server hold; tests may lower them.
     max_connections = 64
-    # Requests larger than this are parsed in the parse pool, not on the reactor.
+    # Requests larger than this are parsed in the parse pool, not on the reactor; so is
+    # every request that may carry images, whatever its size (see parse_in_thread).
     parse_in_thread_bytes = 256 * 1024
 
     def __init__(self, core, reactor, parse_pool=None, stop=None, packet_size=framing.DEFAULT_PACKET_SIZE,
@@ -113,9 +115,24 @@ class RunaiFactory(ServerFactory):
     def parse(self, payload):
         """``(obj, request, error)`` of a message; touches no connection state, so that it
         may run in a thread."""
-        obj = None
+        obj, error = self.decode(payload)
+        return (None, None, error) if error is not None else self.build(obj)
+
+    def decode(self, payload):
+        """``(obj, None)``, the message's JSON object, or ``(None, error)``."""
         try:
-            obj = decode_message(payload)
+            return decode_message(payload), None
+        except errors.RunaiError as e:
+            return None, e
+
+    def build(self, obj):
+        """``(obj, request, error)`` of a decoded message (may run in a thread)."""
+        try:
             return obj, parse_request(obj, self.core.model_dir, self.limits), None
         except errors.RunaiError as e:
             return obj, None, e
+
+    def reads_images(self, obj):
+        """Whether building ``obj``'s request decodes images: then it is built in the parse
+        pool (a small PNG can hold 16 Mpx of one colour: tenths of a second to decode)."""
+        return obj.get("action") in IMAGE_ACTIONS

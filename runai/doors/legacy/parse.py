@@ -8,12 +8,12 @@ a history action) or a core request (:mod:`runai.core.requests`), checked; raise
 thread for a large request.
 """
 
-import json
 from dataclasses import dataclass
 
 from runai.core import errors
 from runai.core.fields import Fields
 from runai.core.requests import GENERATION_ACTIONS, Limits, convert_request, generation_request
+from runai.doors.jsonobject import decode_object
 from runai.doors.legacy.history import HISTORY_ACTIONS, parse_history
 
 # The model library: list the model folder, convert a checkpoint into a diffusers folder.
@@ -76,17 +76,7 @@ class LegacyFields(Fields):
 
 def decode_message(payload):
     """UTF-8 JSON object from a message's bytes, or a RunaiError."""
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise errors.RunaiError(errors.BAD_ENCODING, f"the message is not valid UTF-8 (byte {e.start})")
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise errors.RunaiError(errors.BAD_JSON, f"the message is not valid JSON: {e}")
-    if not isinstance(obj, dict):
-        raise errors.RunaiError(errors.BAD_JSON, "the message must be a JSON object")
-    return obj
+    return decode_object(payload, "message")
 
 
 def request_id(obj):

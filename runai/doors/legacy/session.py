@@ -38,19 +38,29 @@ class Session:
     def message(self, payload):
         """Handle one request. Returns a Deferred when it is parsed off the reactor thread:
         the protocol holds the connection's next requests until it fires, to keep order."""
-        pool = self.factory.parse_pool
-        if len(payload) > self.factory.parse_in_thread_bytes and pool is not None:
-            # JSON, base64 and image headers of a large request (an img2img canvas) take
-            # tenths of a second: long enough to stall every other client's replies.
-            d = threads.deferToThreadPool(self.factory.reactor, pool, self.factory.parse, payload)
-            d.addCallback(lambda parsed: self.dispatch(*parsed))
-            d.addErrback(self._handling_failed)
-            return d
+        factory = self.factory
+        pool = factory.parse_pool
         try:
-            self.dispatch(*self.factory.parse(payload))
+            if pool is not None and len(payload) > factory.parse_in_thread_bytes:
+                # JSON and base64 of a large request (an img2img canvas) take tenths of a
+                # second: long enough to stall every other client's replies.
+                return self._in_pool(factory.parse, payload)
+            obj, error = factory.decode(payload)
+            if error is not None:
+                self.dispatch(None, None, error)
+            elif pool is not None and factory.reads_images(obj):
+                return self._in_pool(factory.build, obj)
+            else:
+                self.dispatch(*factory.build(obj))
         except Exception:
             self._handling_failed(None)
         return None
+
+    def _in_pool(self, f, *args):
+        d = threads.deferToThreadPool(self.factory.reactor, self.factory.parse_pool, f, *args)
+        d.addCallback(lambda parsed: self.dispatch(*parsed))
+        d.addErrback(self._handling_failed)
+        return d
 
     def _handling_failed(self, failure):
         # A bug must cost one request, not the connection and the client's other jobs.

@@ -1,0 +1,183 @@
+# -*- test-case-name: runai.test.test_http -*-
+"""``/sdapi/v1/...``: AUTOMATIC1111's routes, answered by runai's core.
+
+Each generation goes through the same core, queue, limits and validation as a socket
+job, and its owner is the HTTP request: a client that disconnects cancels its job.
+Errors are an HTTP status and ``{"error": code, "detail": message}``.
+"""
+
+import json
+import time
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from runai.core import errors
+from runai.core.requests import Limits
+from runai.doors.http import parse, replies, samplers, site
+from runai.doors.http.checkpoints import Checkpoints
+from runai.doors.http.jobs import HttpJob, progress_reply
+
+# Bodies larger than this are parsed in the pool, not on the reactor; so is every body
+# with images, which are checked by decoding them.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+# Routes AUTOMATIC1111's clients call for features runai does not have: empty answers.
+EMPTY = {
+    "loras": [], "hypernetworks": [], "upscalers": [], "face-restorers": [], "realesrgan-models": [],
+    "prompt-styles": [], "sd-vae": [], "latent-upscale-modes": [], "sd-modules": [],
+    "embeddings": {"loaded": {}, "skipped": {}}, "scripts": {"txt2img": [], "img2img": []},
+    "script-info": [], "extensions": [],
+}
+
+
+class Api(resource.Resource):
+    """The routes under ``/sdapi/v1``: ``core`` (:class:`runai.core.service.Core`) runs
+    the jobs; ``pool`` parses large bodies and hashes models (None: in line)."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, core, reactor, pool=None, token=None, limits=Limits()):
+        super().__init__()
+        self.core = core
+        self.reactor = reactor
+        self.pool = pool
+        self.token = token.encode("utf-8") if isinstance(token, str) else token
+        self.limits = limits
+        self.checkpoints = Checkpoints(core, reactor, pool)
+        self.running = []  # this door's jobs in progress (HttpJob), oldest first
+        self.routes = {
+            (b"POST", "txt2img"): self.txt2img,
+            (b"POST", "img2img"): self.img2img,
+            (b"GET", "sd-models"): self.sd_models,
+            (b"POST", "refresh-checkpoints"): self.refresh_checkpoints,
+            (b"GET", "options"): self.get_options,
+            (b"POST", "options"): self.set_options,
+            (b"GET", "samplers"): lambda request: samplers.sampler_list(),
+            (b"GET", "schedulers"): lambda request: samplers.schedule_list(),
+            (b"GET", "progress"): lambda request: progress_reply(self.running, self.core.status()),
+            (b"POST", "interrupt"): self.interrupt,
+            (b"POST", "skip"): self.interrupt,
+        }
+        for name, value in EMPTY.items():
+            self.routes[(b"GET", name)] = lambda request, value=value: value
+
+    # twisted.web -------------------------------------------------------------------
+
+    def render(self, request):
+        request.gone = False
+        request.notifyFinish().addErrback(lambda _: setattr(request, "gone", True))
+        request.setHeader("content-type", "application/json")
+        if getattr(request, "too_large", False):
+            return self._error(request, errors.RunaiError(
+                errors.MESSAGE_TOO_LARGE, f"the body is larger than {request.body_limit} bytes"))
+        if not site.authorized(request, self.token):
+            return self._error(request, site.unauthorized(request))
+        route = self.routes.get((request.method, "/".join(p.decode("utf-8", "replace") for p in request.postpath)))
+        if route is None:
+            request.setResponseCode(404)
+            return json.dumps({"detail": "Not Found"}).encode("utf-8")
+        d = defer.maybeDeferred(route, request)
+        d.addCallbacks(self._answer, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+        return server.NOT_DONE_YET
+
+    def _answer(self, value, request):
+        if not request.finished and not request.gone:
+            request.write(json.dumps(value).encode("utf-8"))
+            request.finish()
+
+    def _failed(self, failure, request):
+        if failure.check(errors.RunaiError):
+            error = failure.value
+        else:
+            self.log.failure("An HTTP request could not be handled", failure)
+            error = errors.RunaiError(errors.INTERNAL, "the server failed to handle this request")
+        if not request.finished and not request.gone:
+            request.write(self._error(request, error))
+            request.finish()
+
+    def _error(self, request, error):
+        status, body = replies.error(error)
+        request.setResponseCode(status)
+        return json.dumps(body).encode("utf-8")
+
+    def _off_reactor(self, f, *args):
+        if self.pool is None:
+            return defer.maybeDeferred(f, *args)
+        return threads.deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    def _body(self, request):
+        data = request.content.getvalue()
+        if len(data) > PARSE_IN_THREAD_BYTES:
+            return self._off_reactor(parse.decode_body, data)
+        return defer.maybeDeferred(parse.decode_body, data)
+
+    # Generation ----------------------------------------------------------------------
+
+    def txt2img(self, request):
+        return self._generate(request, parse.txt2img, in_thread=False)
+
+    def img2img(self, request):
+        return self._generate(request, parse.img2img, in_thread=True)
+
+    @defer.inlineCallbacks
+    def _generate(self, request, build, in_thread):
+        started = time.time()
+        body = yield self._body(request)
+        model = yield self.checkpoints.resolve(parse.wanted_model(body))
+        args = (build, body, model, self.core.model_dir, self.limits)
+        core_request = yield (self._off_reactor(*args) if in_thread else defer.maybeDeferred(*args))
+        listener = HttpJob(self.running)
+        job = self.core.submit(core_request, request, listener)
+        # A client that goes away takes its job with it.
+        request.notifyFinish().addErrback(lambda _: self.core.cancel(job))
+        images = yield listener.result
+        return replies.generated(core_request, images, body, self.checkpoints, started)
+
+    def interrupt(self, request):
+        """Stop this door's running jobs; each answers with the images it has made."""
+        for listener in list(self.running):
+            if listener.job is not None and listener.job.state == "running":
+                listener.interrupted = True
+                self.core.cancel(listener.job)
+        return {}
+
+    # Models and options ---------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def sd_models(self, request):
+        models = yield self.checkpoints.listing()
+        return [{k: v for k, v in model.items() if k != "name"} for model in models]
+
+    @defer.inlineCallbacks
+    def refresh_checkpoints(self, request):
+        yield self.checkpoints.listing()
+        return None
+
+    @defer.inlineCallbacks
+    def get_options(self, request):
+        yield self.checkpoints.listing()
+        try:
+            name = self.checkpoints.default_model()
+        except errors.RunaiError:
+            name = None
+        model = self.checkpoints.find(name) if name else None
+        return {
+            "sd_model_checkpoint": model["title"] if model else None,
+            "sd_checkpoint_hash": model["sha256"] if model else None,
+            "samples_format": "png",
+            "CLIP_stop_at_last_layers": 1,
+        }
+
+    @defer.inlineCallbacks
+    def set_options(self, request):
+        """Only ``sd_model_checkpoint`` is honoured (clients post back whole option sets)."""
+        body = yield self._body(request)
+        wanted = body.get("sd_model_checkpoint")
+        if wanted is not None:
+            if not isinstance(wanted, str):
+                raise errors.RunaiError(errors.BAD_REQUEST, "'sd_model_checkpoint' must be a string")
+            self.checkpoints.default = yield self.checkpoints.resolve(wanted)
+            self.log.info("HTTP: the default model is now {name}", name=self.checkpoints.default)
+        return None

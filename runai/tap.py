@@ -5,14 +5,17 @@ its back end (a local worker), its door (the legacy socket) and the history.
 Imports nothing heavy: torch is imported in the worker thread once the server listens.
 """
 
+import atexit
 import ipaddress
 import os
 import re
+import sys
 import tempfile
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -55,6 +58,16 @@ def parse_cache_size(value):
     return MAX_CACHED_MODELS, size
 
 
+class OptionError(SystemExit):
+    """A bad option or option value. twistd ends with this one line (``runai: --port: ...``)
+    on stderr and exit status 1, instead of printing its whole usage text first (as it
+    does for a UsageError): what a user and a service manager need to see."""
+
+    def __init__(self, message):
+        super().__init__(f"runai: {message}")
+        self.message = message
+
+
 def checked_endpoint(option, description):
     """``description``, the Twisted endpoint of ``--option``, once Twisted can listen on it:
     for ``ssl:``, its key and certificate readable and a pair. A UsageError naming the
@@ -67,12 +80,14 @@ def checked_endpoint(option, description):
     return description
 
 
-def _positive(kind):
+def _number(kind, option):
+    """A coercer for ``--option`` whose error names it."""
     def convert(value):
-        number = kind(value)
-        if number <= 0:
-            raise ValueError(f"must be positive, not {value}")
-        return number
+        try:
+            return kind(value)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"--{option} must be {what}, not {value!r}") from None
     return convert
 
 
@@ -90,18 +105,21 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["host", None, "127.0.0.1", "Interface to listen on (ignored with --listen)."],
-        ["port", "p", 50007, "TCP port to listen on (ignored with --listen).", int],
+        ["port", "p", 50007, "TCP port to listen on (ignored with --listen).", _number(int, "port")],
         ["listen", None, None, "A Twisted server endpoint description that overrides --host and "
                                "--port, e.g. tcp:50007:interface=0.0.0.0 or ssl:... for TLS."],
         ["http", None, None, "Also serve an AUTOMATIC1111-compatible HTTP API on this Twisted endpoint, e.g. "
                              "tcp:7860:interface=127.0.0.1 (off unless given)."],
         ["model-dir", "m", "~/stablediffusion", "The model folder; clients can reach nothing outside it."],
-        ["packet-size", None, framing.DEFAULT_PACKET_SIZE, "Packet size in bytes (the legacy clients use 1024).", int],
+        ["packet-size", None, framing.DEFAULT_PACKET_SIZE, "Packet size in bytes (the legacy clients use 1024).",
+         _number(int, "packet-size")],
         ["max-message-size", None, framing.DEFAULT_MAX_MESSAGE_SIZE,
-         "Largest request in bytes; a larger one is refused and its connection closed.", int],
-        ["timeout", None, 60.0, "Seconds without a client before an --auto-shutdown server stops.", float],
+         "Largest request in bytes; a larger one is refused and its connection closed.",
+         _number(int, "max-message-size")],
+        ["timeout", None, 60.0, "Seconds without a client before an --auto-shutdown server stops.",
+         _number(float, "timeout")],
         ["idle-timeout", None, 60.0, "Drop a connection that sent part of a message, then nothing for this long "
-                                     "(seconds).", float],
+                                     "(seconds).", _number(float, "idle-timeout")],
         ["device", None, "auto", "auto, cpu, cuda or cuda:N."],
         ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
         ["cache-size", None, "2", "How many models to keep loaded (e.g. 2), or how much memory their weights "
@@ -116,6 +134,12 @@ class Options(usage.Options):
          "When a client asks for the NSFW filter and CompVis/stable-diffusion-safety-checker is not in "
          "the model folder: 'refuse' the request, or generate 'unchecked' and say so in each reply."],
     ]
+
+    def parseOptions(self, options=None):
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise OptionError(str(e).removeprefix("Parameter type enforcement failed: ")) from None
 
     def postOptions(self):
         if not 0 <= self["port"] <= 65535:
@@ -191,10 +215,38 @@ class _Announced:
     def _failed(self, failure):
         if failure.check(defer.CancelledError):
             return None
-        self.log.failure("runai could not listen on {description}", failure, description=self.description)
+        error = failure.value
+        if failure.check(CannotListenError):
+            cause = getattr(error.socketError, "strerror", None) or error.socketError
+            line = f"cannot listen on {self.description}: {str(cause).lower()}"
+            self.log.error("runai: {line}", line=line)
+        else:
+            line = f"cannot listen on {self.description}: {type(error).__name__}: {error}"
+            self.log.failure("runai could not listen on {description}", failure, description=self.description)
+        self.fail_start(line)
+        return None
+
+    def fail_start(self, line):
+        """End a start that cannot serve: ``line`` on stderr, the reactor stopped, and exit
+        status 1 once twistd has cleaned up (twistd has no way to say it itself), so that a
+        service manager sees the failure at once and restarts the service."""
+        # twistd sends sys.stderr to its log: this line goes to the process's own stderr.
+        stderr = sys.__stderr__ or sys.stderr
+        stderr.write(f"runai: {line}\n")
+        stderr.flush()
+        atexit.register(_exit_status, 1)
+        # The listen may fail while twistd starts the services, before the reactor runs.
         if self.reactor.running:
             self.reactor.stop()
-        return None
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+
+def _exit_status(code):
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    os._exit(code)
 
 
 def _announce(factory, workers, model_dir, tls_endpoint):

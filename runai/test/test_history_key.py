@@ -3,7 +3,6 @@
 
 import os
 
-from twisted.python import usage
 
 from runai import tap
 from runai.history import key
@@ -71,10 +70,10 @@ class KeyTests(StoreTestCase):
             (["--db", os.path.join(self.folder, "no", "such.db")], {"RUNAI_DB_KEY": "k"}, "does not exist"),
             (["--db", self.path, "--db-key-file", key_file + "-missing"], {}, "cannot read"),
         ):
-            with self.assertRaises(usage.UsageError) as e:
+            with self.assertRaises(tap.OptionError) as e:
                 self.parse(*args, env=env)
             self.assertIn(words, str(e.exception))
 
     def test_no_key_option_on_the_command_line(self):
-        self.assertRaises(usage.UsageError, self.parse, "--db", self.path, "--db-key", "k",
+        self.assertRaises(tap.OptionError, self.parse, "--db", self.path, "--db-key", "k",
                           env={"RUNAI_DB_KEY": "k"})

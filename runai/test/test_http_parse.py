@@ -101,3 +101,38 @@ class ParseTests(SynchronousTestCase):
                 parse.decode_body(data)
             self.assertEqual(e.exception.code, code)
             self.assertIn("the body", e.exception.message)
+
+
+class FuzzTests(SynchronousTestCase):
+    """Whatever JSON a client sends, the answer is a RunaiError (a 4xx), never a crash."""
+
+    def test_any_json_values(self):
+        from hypothesis import given, settings, strategies as st
+
+        models = Path(os.path.realpath(self.mktemp()))
+        (models / "v1" / "tiny").mkdir(parents=True)
+        (models / "v1" / "tiny" / "model_index.json").write_text("{}")
+        values = st.recursive(
+            st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True) | st.text(max_size=20),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+            max_leaves=6)
+        keys = st.sampled_from(["prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height",
+                                "batch_size", "n_iter", "sampler_name", "scheduler", "eta", "denoising_strength",
+                                "init_images", "mask", "mask_blur", "inpainting_mask_invert", "override_settings"])
+
+        @settings(max_examples=300, deadline=None)
+        @given(st.dictionaries(keys, values, max_size=8), st.booleans())
+        def check(body, image):
+            try:
+                parse.wanted_model(body)
+                (parse.img2img if image else parse.txt2img)(body, "v1/tiny", models, Limits())
+            except errors.RunaiError as e:
+                self.assertIn(replies_status(e), (400, 404, 413, 422))
+
+        check()
+
+
+def replies_status(error):
+    from runai.doors.http.replies import error as as_http
+
+    return as_http(error)[0]

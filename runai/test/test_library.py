@@ -265,5 +265,5 @@ class CacheSizeOptionTests(SynchronousTestCase):
         library = worker.engine_options.pop("library")
         self.assertEqual(str(library.model_dir), config["model-dir"])
         self.assertEqual(worker.engine_options, dict(cache_models=32, cache_bytes=4 * 2**30))
-        with self.assertRaises(usage.UsageError):
+        with self.assertRaises(tap.OptionError):
             tap.Options().parseOptions(["--cache-size", "none"])

@@ -4,7 +4,6 @@ import os
 
 from twisted.application.service import IServiceMaker, IService
 from twisted.plugin import getPlugins
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai import tap
@@ -43,7 +42,7 @@ class OptionsTests(SynchronousTestCase):
             ["--max-message-size", "10"], ["--timeout", "0"], ["--idle-timeout", "-1"],
             ["--device", "tpu"], ["--device", "cuda:x"], ["--dtype", "int8"], ["--bogus"],
         ):
-            self.assertRaises(usage.UsageError, self.parse, *args)
+            self.assertRaises(tap.OptionError, self.parse, *args)
 
     def test_token_file(self):
         path = self.mktemp()
@@ -53,8 +52,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(self.parse()["token"])
         with open(path, "w") as f:
             f.write("short")
-        self.assertRaises(usage.UsageError, self.parse, "--token-file", path)
-        self.assertRaises(usage.UsageError, self.parse, "--token-file", path + "-missing")
+        self.assertRaises(tap.OptionError, self.parse, "--token-file", path)
+        self.assertRaises(tap.OptionError, self.parse, "--token-file", path + "-missing")
 
     def test_make_service(self):
         from twisted.internet.testing import MemoryReactorClock
@@ -112,19 +111,40 @@ class ListeningTests(SynchronousTestCase):
         self.stops = []
         self.reactor.stop = lambda: self.stops.append(True)
         self.started = []
-        return tap._Announced(Endpoint(), "tcp:50007", self.started.append, self.reactor)
+        self.failed = []
+        announced = tap._Announced(Endpoint(), "tcp:50007", self.started.append, self.reactor)
+        announced.fail_start = self.failed.append
+        return announced
 
     def test_listening_is_announced(self):
         port = object()
         self.assertIs(self.successResultOf(self.endpoint(port).listen(None)), port)
         self.assertEqual((self.started, self.stops), ([port], []))
 
-    def test_a_failure_to_listen_stops_the_reactor(self):
+    def test_a_failure_to_listen_ends_the_start(self):
         from twisted.internet.error import CannotListenError
 
-        self.assertIsNone(self.successResultOf(self.endpoint(CannotListenError("", 50007, "in use")).listen(None)))
-        self.assertEqual((self.started, self.stops), ([], [True]))
-        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+        in_use = CannotListenError("", 50007, OSError(98, "Address already in use"))
+        self.assertIsNone(self.successResultOf(self.endpoint(in_use).listen(None)))
+        self.assertEqual((self.started, self.failed), ([], ["cannot listen on tcp:50007: address already in use"]))
+
+    def test_twistd_exits_at_once_when_the_port_is_taken(self):
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        done = subprocess.run([twistd, "--nodaemon", "--pidfile=", "--logfile=-", "runai", "--port", str(port),
+                               "--model-dir", self.mktemp()], capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.stderr, f"runai: cannot listen on tcp:port={port}:interface=127.0.0.1: "
+                                      "address already in use\n")
 
 
 class HttpOptionTests(SynchronousTestCase):
@@ -141,4 +161,21 @@ class HttpOptionTests(SynchronousTestCase):
         self.assertEqual(len(with_http), 4)
         site = with_http[3].factory
         self.assertIs(site.resource.children[b"sdapi"].children[b"v1"].core, with_http[2].factory.core)
-        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--http", "nonsense:1"])
+        self.assertRaises(tap.OptionError, tap.Options().parseOptions, ["--http", "nonsense:1"])
+
+
+class OneLineErrorTests(SynchronousTestCase):
+    def test_twistd_says_a_bad_option_in_one_line(self):
+        import os
+        import subprocess
+        import sys
+
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        for args, words in ((["--port", "abc"], "--port must be a whole number"),
+                            (["--bogus"], "--bogus"), (["--listen", "nonsense:1"], "--listen")):
+            done = subprocess.run([twistd, "--nodaemon", "--pidfile=", "--logfile=-", "runai", *args],
+                                  capture_output=True, text=True, timeout=60)
+            self.assertEqual(done.returncode, 1, args)
+            self.assertEqual(done.stdout, "", args)
+            [line] = done.stderr.splitlines()
+            self.assertTrue(line.startswith("runai: ") and words in line, line)

@@ -48,9 +48,9 @@ class StartupCheckTests(SynchronousTestCase):
         return options["endpoint"]
 
     def refused(self, description, *words):
-        with self.assertRaises(usage.UsageError) as caught:
+        with self.assertRaises(tap.OptionError) as caught:
             self.listen(description)
-        message = str(caught.exception)
+        message = caught.exception.message
         self.assertTrue(message.startswith("--listen: "), message)
         self.assertNotIn("\n", message)
         for word in words:

@@ -38,15 +38,35 @@ class Image:
     pos_y: int
 
 
-def txt2img_request(prompt, model, request_id=None, **options):
-    """A legacy-format txt2img request: every option carries the ``txt2img_`` prefix."""
-    request = {"action": "txt2img", "options": {"txt2img_prompt": prompt, "txt2img_model": model}}
+# Options the legacy clients send as they are, without the action's prefix.
+PLAIN_OPTIONS = ("pos_x", "pos_y", "model_base_path", "do_nsfw_filter")
+
+
+def _base64(image):
+    """An image for a request: a file's bytes become base64 text; text is sent as it is."""
+    return base64.b64encode(image).decode("ascii") if isinstance(image, (bytes, bytearray)) else image
+
+
+def generation_request(action, prompt, model, request_id=None, pixels=None, mask=None, **options):
+    """A legacy-format request for one of the four modes (``action``: ``txt2img``,
+    ``img2img``, ``inpaint``, ``outpaint``). Each option carries the action's prefix
+    (``img2img_steps``) except :data:`PLAIN_OPTIONS`; ``pixels`` (the input picture) and
+    ``mask`` are an image file's bytes, or base64 text. Options that are None are left out,
+    so the server's defaults apply."""
+    options.update(pixels=None if pixels is None else _base64(pixels),
+                   mask=None if mask is None else _base64(mask))
+    request = {"action": action, "options": {f"{action}_prompt": prompt, f"{action}_model": model}}
     for name, value in options.items():
         if value is not None:
-            request["options"][f"txt2img_{name}"] = value
+            request["options"][name if name in PLAIN_OPTIONS else f"{action}_{name}"] = value
     if request_id is not None:
         request["id"] = request_id
     return request
+
+
+def txt2img_request(prompt, model, request_id=None, **options):
+    """A legacy-format txt2img request (see :func:`generation_request`)."""
+    return generation_request("txt2img", prompt, model, request_id, **options)
 
 
 def encode_request(obj, packet_size=framing.DEFAULT_PACKET_SIZE):

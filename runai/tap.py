@@ -10,7 +10,6 @@ import ipaddress
 import os
 import re
 import sys
-import tempfile
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -120,6 +119,8 @@ class Options(usage.Options):
          _number(float, "timeout")],
         ["idle-timeout", None, 60.0, "Drop a connection that sent part of a message, then nothing for this long "
                                      "(seconds).", _number(float, "idle-timeout")],
+        ["shutdown-timeout", None, 5.0, "Seconds a stop waits for the running denoising step to end; the server "
+                                        "exits after that even if it has not.", _number(float, "shutdown-timeout")],
         ["device", None, "auto", "auto, cpu, cuda or cuda:N."],
         ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
         ["cache-size", None, "2", "How many models to keep loaded (e.g. 2), or how much memory their weights "
@@ -148,7 +149,7 @@ class Options(usage.Options):
             raise usage.UsageError("--packet-size must be between 16 and 1048576 bytes")
         if not self["packet-size"] <= self["max-message-size"] <= 1024 ** 3:
             raise usage.UsageError("--max-message-size must be between --packet-size and 1 GiB")
-        for name in ("timeout", "idle-timeout"):
+        for name in ("timeout", "idle-timeout", "shutdown-timeout"):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
         if not DEVICE_RE.match(self["device"]):
@@ -268,6 +269,19 @@ def _announce(factory, workers, model_dir, tls_endpoint):
     return started
 
 
+def existing_temporary_folder():
+    """The temporary folder, found without writing anything: ``tempfile.gettempdir()``
+    creates and deletes a probe file there to test it."""
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        folder = os.environ.get(name)
+        if folder and os.path.isdir(folder):
+            return folder
+    for folder in ("/tmp", "/var/tmp", "/usr/tmp"):
+        if os.path.isdir(folder):
+            return folder
+    return os.getcwd()
+
+
 def makeService(config, reactor=None, pool=None):
     """The service tree: the history store (with --db), the worker, the queue, then the
     listening door. Started in that order, stopped in reverse: the door stops taking
@@ -302,10 +316,11 @@ def makeService(config, reactor=None, pool=None):
         recorder = Recorder(store)
     # diffusers imports torch._dynamo, which creates $TMPDIR/torchinductor_$USER at import
     # time; runai compiles nothing. A folder that exists keeps "writes nothing" true.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.gettempdir())
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", existing_temporary_folder())
     # One library: the models action lists it, the worker loads from it.
     library = ModelLibrary(config["model-dir"])
-    worker = LocalWorker(reactor, device=config["device"], dtype=config["dtype"], engine_options=dict(
+    worker = LocalWorker(reactor, device=config["device"], dtype=config["dtype"],
+                         stop_timeout=config.get("shutdown-timeout", 5.0), engine_options=dict(
         library=library, cache_models=config.get("cache-models", 2), cache_bytes=config.get("cache-bytes"),
     ))
     worker.setServiceParent(top)

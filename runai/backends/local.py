@@ -8,7 +8,11 @@ answering while a job runs. The pool is the worker's own one-thread pool: the re
 shared pool (DNS and friends) is never blocked by a 30-second generation.
 """
 
+import functools
+import threading
+
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -33,25 +37,51 @@ class LocalWorker(service.Service):
     log = Logger()
 
     def __init__(self, reactor, device="auto", dtype="auto", engine_factory=default_engine_factory, pool=None,
-                 engine_options=None):
+                 engine_options=None, stop_timeout=5.0):
         self.reactor = reactor
+        # How long a stop waits for the running step to end before the process goes on
+        # without it (a step of a large batch on a slow device takes minutes).
+        self.stop_timeout = stop_timeout
         self.device = device
         self.dtype = dtype
         self._engine_factory = engine_factory
         # More keywords for the engine factory: library, cache_models, cache_bytes.
         self.engine_options = dict(engine_options or {})
         self._engine = None
-        self.pool = pool if pool is not None else ThreadPool(minthreads=1, maxthreads=1, name=f"runai-{device}")
+        if pool is None:
+            pool = ThreadPool(minthreads=1, maxthreads=1, name=f"runai-{device}")
+            # A daemon: a step that outlives the stop's deadline does not hold the exit.
+            pool.threadFactory = functools.partial(threading.Thread, daemon=True)
+        self.pool = pool
 
     def startService(self):
         super().startService()
         self.pool.start()
 
     def stopService(self):
-        """Join the thread: the running job was cancelled by the queue and stops at its
-        next step."""
+        """Join the thread, without blocking the reactor: the running job was cancelled
+        (and answered) by the queue and stops at its next step. Fires when it has, or
+        after ``stop_timeout`` seconds, whichever is first."""
         super().stopService()
-        self.pool.stop()
+        if not any(thread.is_alive() for thread in getattr(self.pool, "threads", ())):
+            self.pool.stop()
+            return defer.succeed(None)
+        stopped = defer.Deferred()
+
+        def joined(late):
+            if stopped.called:
+                return
+            if late:
+                self.log.warn("The worker's step did not end within {seconds}s of the stop; exiting without "
+                              "waiting for it", seconds=self.stop_timeout)
+            else:
+                deadline.cancel()
+            stopped.callback(None)
+
+        deadline = self.reactor.callLater(self.stop_timeout, joined, True)
+        threading.Thread(target=lambda: (self.pool.stop(), self.reactor.callFromThread(joined, False)),
+                         name="runai-worker-stop", daemon=True).start()
+        return stopped
 
     def warm_up(self):
         """Load torch and the engine in the worker thread while the server already listens."""

@@ -2,51 +2,26 @@
 """The ``runai`` command: talk to a running runai server from a shell."""
 
 import argparse
-import os
+import socket
 import sys
 
+from runai.cli import generate as generate_cli
 from runai.cli import history as history_cli
 from runai.cli import models as library_cli
+from runai.cli import systemd as systemd_cli
 from runai.cli.common import connect, connection_options
-from runai.client import ServerError, txt2img_request
+from runai.client import ServerError
+from runai.core import errors
 
-
-def _progress_bar(stream):
-    def show(message):
-        if message.get("action") == 4:
-            step, total = message.get("step", 0), message.get("total", 1) or 1
-            width = 30
-            filled = width * step // total
-            stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{total}")
-            if step >= total:
-                stream.write("\n")
-            stream.flush()
-        elif message.get("action") == "queued":
-            stream.write(f"queued: {message.get('position')} job(s) ahead\n")
-            stream.flush()
-    return show
-
-
-def _output_names(output, count):
-    if count == 1:
-        return [output]
-    stem, ext = os.path.splitext(output)
-    return [f"{stem}-{k}{ext or '.png'}" for k in range(count)]
-
-
-def generate(args):
-    request = txt2img_request(
-        args.prompt, args.model,
-        negative_prompt=args.negative, steps=args.steps, scale=args.scale, seed=args.seed,
-        width=args.width, height=args.height, n_samples=args.n_samples, scheduler=args.scheduler,
-    )
-    with connect(args, timeout=None) as client:
-        images = client.run(request, None if args.quiet else _progress_bar(sys.stderr))
-    for image, name in zip(images, _output_names(args.output, len(images))):
-        with open(name, "wb") as f:
-            f.write(image.png)
-        print(f"{name} (seed {image.seed})")
-    return 0
+# The codes that say the request itself was wrong or not allowed: the server refused it.
+# Any other (internal, out_of_memory, model_load_failed, shutting_down...) is the server
+# failing at something it took on.
+REFUSALS = frozenset((
+    errors.BAD_ENCODING, errors.BAD_JSON, errors.UNKNOWN_ACTION, errors.BAD_REQUEST, errors.OUT_OF_RANGE,
+    errors.UNKNOWN_SCHEDULER, errors.PATH_OUTSIDE_MODEL_DIR, errors.MODEL_NOT_FOUND, errors.MESSAGE_TOO_LARGE,
+    errors.QUEUE_FULL, errors.NOT_FOUND, errors.UNAUTHORIZED, errors.IDLE_TIMEOUT, errors.NO_STORE,
+    errors.SAFETY_CHECKER_MISSING,
+))
 
 
 def ping(args):
@@ -61,28 +36,40 @@ def parser():
     common = connection_options()
     commands = top.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", parents=[common], help="txt2img: write the image(s) to a PNG file")
-    gen.add_argument("prompt")
-    gen.add_argument("-m", "--model", required=True,
-                     help="model folder, relative to the server's model folder (e.g. v1/mymodel)")
-    gen.add_argument("-o", "--output", default="out.png", help="PNG file (several images: out-0.png, ...)")
-    gen.add_argument("-n", "--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--scale", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--n-samples", type=int, default=None)
-    gen.add_argument("--scheduler", default=None)
-    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    gen.set_defaults(func=generate)
+    generate_cli.add_commands(commands, common)
 
     p = commands.add_parser("ping", parents=[common], help="check that the server answers")
     p.set_defaults(func=ping)
 
     history_cli.add_commands(commands, common)
     library_cli.add_commands(commands, common)
+    systemd_cli.add_commands(commands)
     return top
+
+
+def server_error_line(e):
+    """How the ``runai`` command reports the server's ``{"error": ...}``."""
+    if e.code in REFUSALS:
+        return f"runai: the server refused: {e.message} ({e.code})"
+    if e.code == errors.CANCELLED:
+        return f"runai: cancelled: {e.message} ({e.code})"
+    return f"runai: the server failed: {e.message} ({e.code})"
+
+
+def connection_error_line(args, e):
+    """How the ``runai`` command reports a connection that could not be made or broke."""
+    if not hasattr(args, "host"):
+        return f"runai: {e}"
+    where = f"{args.host}:{args.port}"
+    if isinstance(e, ConnectionRefusedError):
+        return f"runai: nothing listens on {where}; is the server running?"
+    if isinstance(e, socket.gaierror):
+        return f"runai: cannot find the host {args.host}: {e.strerror}"
+    if isinstance(e, TimeoutError):
+        return f"runai: {where} did not answer in time"
+    if e.errno is None:
+        return f"runai: {e}"  # the client's own one-line account (closed, TLS)
+    return f"runai: the connection to {where} failed: {e.strerror}"
 
 
 def main(argv=None):
@@ -90,10 +77,10 @@ def main(argv=None):
     try:
         return args.func(args)
     except ServerError as e:
-        print(f"runai: the server refused: {e.message} ({e.code})", file=sys.stderr)
-    except ConnectionRefusedError:
-        print(f"runai: nothing listens on {args.host}:{args.port}; is the server running?", file=sys.stderr)
-    except (ConnectionError, OSError) as e:
+        print(server_error_line(e), file=sys.stderr)
+    except (ConnectionError, TimeoutError, socket.gaierror) as e:
+        print(connection_error_line(args, e), file=sys.stderr)
+    except OSError as e:
         print(f"runai: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("runai: interrupted", file=sys.stderr)

@@ -1,5 +1,6 @@
 # -*- test-case-name: runai.test.test_singlefile -*-
-"""No model hub, ever: the environment that keeps huggingface_hub offline and quiet.
+"""No model hub, ever, and no noise: the environment that keeps huggingface_hub offline,
+and diffusers' and transformers' own messages in runai's log rather than on stderr.
 
 huggingface_hub reads these variables once, when diffusers or transformers first import
 it. Every runai module that imports diffusers or transformers at module level imports
@@ -12,7 +13,10 @@ this module first::
 A variable already set in the environment is left as it is.
 """
 
+import logging
 import os
+
+from twisted.logger import Logger, LogLevel
 
 ENVIRONMENT = {
     # A server must never reach out to a model hub, nor stall while trying to.
@@ -25,5 +29,43 @@ ENVIRONMENT = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
+_log = Logger(namespace="runai.libraries")
+
 for _name, _value in ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
+
+
+class _ToTheLog(logging.Handler):
+    """diffusers' and transformers' own log records, into runai's log: at warning level
+    at most (a library's notice is not the server's error), each message once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message in self.seen:
+            return
+        self.seen.add(message)
+        level = LogLevel.warn if record.levelno >= logging.WARNING else LogLevel.debug
+        _log.emit(level, "{library}: {message}", library=record.name, message=message)
+
+
+def _route_library_logs():
+    """The libraries print to stderr, which twistd logs at error level; send their records
+    to runai's log instead. Their own loggers' settings (levels) are kept."""
+    import importlib
+
+    handler = _ToTheLog()
+    for library in ("transformers", "diffusers"):
+        try:
+            importlib.import_module(f"{library}.utils.logging").disable_default_handler()
+        except (ImportError, AttributeError):
+            continue
+        logger = logging.getLogger(library)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+_route_library_logs()

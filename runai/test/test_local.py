@@ -1,6 +1,11 @@
 """runai.backends.local: the worker thread that owns the engine (its pool run in line)."""
 
-from twisted.trial.unittest import SynchronousTestCase
+import threading
+import time
+
+from twisted.internet import reactor, task, threads
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai.backends.local import LocalWorker
 from runai.core import errors
@@ -74,3 +79,63 @@ class LocalWorkerTests(SynchronousTestCase):
         self.engine.during_step = lambda step: step == 1 and job.detach()
         self.successResultOf(self.worker.run(job))
         self.assertEqual(heard.steps, [])
+
+
+class StopTests(TestCase):
+    """A stop while a step runs, on the real reactor and a real worker thread: the reactor
+    goes on, clients are answered at once, and the stop ends at the deadline even if the
+    step has not."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_stop_does_not_wait_for_a_long_step(self):
+        from runai.core.queue import JobQueue
+
+        release = threading.Event()
+        started = threading.Event()
+
+        class SlowEngine(ScriptedEngine):
+            def generate(self, request, on_progress, on_image, is_cancelled):
+                started.set()
+                release.wait(30)  # one step that takes long, whatever the cancel says
+                return super().generate(request, on_progress, on_image, is_cancelled)
+
+        worker = LocalWorker(reactor, engine_factory=lambda device, dtype: SlowEngine(), stop_timeout=0.5)
+        self.addCleanup(release.set)
+        queue = JobQueue([worker])
+        worker.startService()
+        queue.startService()
+        heard = Failed()
+        queue.submit(Job(Request(), "a", heard))
+        yield threads.deferToThread(started.wait, 10)
+        queue.stopService()
+        self.assertEqual(heard.codes, [errors.CANCELLED])  # answered at once
+        began = time.monotonic()
+        stopping = worker.stopService()
+        self.assertFalse(stopping.called)
+        # The reactor is not blocked meanwhile.
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(stopping.called)
+        yield stopping
+        self.assertLess(time.monotonic() - began, 5)
+        self.assertTrue(0.4 < time.monotonic() - began)
+        release.set()
+
+    @inlineCallbacks
+    def test_an_idle_worker_stops_without_the_deadline(self):
+        worker = LocalWorker(reactor, engine_factory=lambda device, dtype: ScriptedEngine(), stop_timeout=30)
+        worker.startService()
+        yield worker.warm_up()
+        began = time.monotonic()
+        yield worker.stopService()
+        self.assertLess(time.monotonic() - began, 5)
+        self.assertFalse(any(thread.is_alive() for thread in worker.pool.threads))
+
+
+class Failed(NullListener):
+    def __init__(self):
+        self.codes = []
+
+    def job_failed(self, job, error):
+        self.codes.append(error.code)

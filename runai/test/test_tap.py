@@ -179,3 +179,22 @@ class OneLineErrorTests(SynchronousTestCase):
             self.assertEqual(done.stdout, "", args)
             [line] = done.stderr.splitlines()
             self.assertTrue(line.startswith("runai: ") and words in line, line)
+
+
+class NothingWrittenTests(SynchronousTestCase):
+    def test_the_temporary_folder_is_found_without_a_probe_file(self):
+        import os
+
+        import tempfile
+
+        folder = os.path.realpath(self.mktemp())
+        os.makedirs(folder)
+        self.patch(os, "environ", {"TMPDIR": folder})
+        self.patch(tempfile, "tempdir", None)  # no answer cached from earlier calls
+        opened = []
+        real_open = os.open
+        self.patch(os, "open", lambda path, *args, **kwargs: opened.append(path) or real_open(path, *args, **kwargs))
+        self.assertEqual(tap.existing_temporary_folder(), folder)
+        self.assertEqual(opened, [])  # tempfile.gettempdir() would open a probe file here
+        self.patch(os, "environ", {"TMPDIR": folder + "-missing"})
+        self.assertTrue(os.path.isdir(tap.existing_temporary_folder()))

@@ -33,12 +33,19 @@ def _files_of(path):
     return files
 
 
-def sha256_of(path):
-    """The sha256 of a model file, or of a diffusers folder's weights (worker of a pool)."""
+class Stopped(Exception):
+    """The server stops: a hash is not finished (it would hold the exit for many seconds)."""
+
+
+def sha256_of(path, stopping=lambda: False):
+    """The sha256 of a model file, or of a diffusers folder's weights (in a pool's thread);
+    raises Stopped as soon as ``stopping()`` is true."""
     digest = hashlib.sha256()
     for name in _files_of(path):
         with open(name, "rb") as f:
             while True:
+                if stopping():
+                    raise Stopped()
                 block = f.read(CHUNK)
                 if not block:
                     break
@@ -73,6 +80,9 @@ class Checkpoints:
         self._one_at_a_time = defer.DeferredSemaphore(1)
         self._pending = set()
         self._listed = []
+        self._stopping = False
+        if hasattr(reactor, "addSystemEventTrigger"):
+            reactor.addSystemEventTrigger("before", "shutdown", setattr, self, "_stopping", True)
 
     def listing(self):
         """A Deferred of the served models, each a dict of AUTOMATIC1111's fields (plus
@@ -113,13 +123,15 @@ class Checkpoints:
         self._pending.add(path)
 
         def run():
-            return threads.deferToThreadPool(self.reactor, self.pool, lambda: (_signature(path), sha256_of(path)))
+            return threads.deferToThreadPool(
+                self.reactor, self.pool, lambda: (_signature(path), sha256_of(path, lambda: self._stopping)))
 
         def done(result):
             self._hashes[path] = result
 
         def failed(failure):
-            self.log.failure("Hashing a model failed", failure)
+            if not failure.check(Stopped):
+                self.log.failure("Hashing a model failed", failure)
 
         d = self._one_at_a_time.run(run)
         d.addCallbacks(done, failed)

@@ -28,6 +28,10 @@ def models_command(args):
     if args.json:
         print(json.dumps(models, indent=2))
         return 0
+    if not models:
+        print("no models: the server's model folder (its --model-dir, ~/stablediffusion by default) holds no "
+              "diffusers folder, .safetensors or .ckpt file; see the README's \"The model folder\"")
+        return 0
     for m in models:
         flags = [m["format"], m["version"]]
         if m.get("inpainting"):

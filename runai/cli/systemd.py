@@ -172,6 +172,9 @@ def install_unit(user=None, model_dir=None, options=()):
         warnings.append(f"the model folder {model_dir} does not exist (yet)")
     warnings += [f"{path} (the --db folder) does not exist; the service will not start without it"
                  for path in read_write if not os.path.isdir(path)]
+    if read_write and not any(w.partition("=")[0] == "--db-key-file" for w in options):
+        warnings.append("--db without --db-key-file: the service has no RUNAI_DB_KEY in its environment; "
+                        "give the key's file with --db-key-file")
     if user == "root":
         warnings.append("the unit runs the server as root; name its user with --user")
     made_by = ["runai", "systemd-unit", "--user", user, "--model-dir", model_dir] + (["--", *options] if options else [])

@@ -1,14 +1,18 @@
 """Tests for runai.cli.common and runai.cli.main: the connection options, the token, the
-client they make, and the ``runai`` command's own pieces. (The ``history``, ``models`` and
-``convert`` subcommands have their own tests.)"""
+client they make, and the ``runai`` command's own pieces: how it reports the server's
+errors and broken connections. (The ``generate``, ``history``, ``models``, ``convert`` and
+``systemd-unit`` subcommands have their own tests.)"""
 
 import io
 import os
 import socket
+import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from runai.cli import common, main
+from runai.cli import common, generate, main
+from runai.client import ServerError
+from runai.core import errors
 from runai.doors.legacy import framing
 
 
@@ -83,13 +87,13 @@ class ConnectTests(SynchronousTestCase):
 
 class MainTests(SynchronousTestCase):
     def test_output_names(self):
-        self.assertEqual(main._output_names("out.png", 1), ["out.png"])
-        self.assertEqual(main._output_names("a/out.png", 2), ["a/out-0.png", "a/out-1.png"])
-        self.assertEqual(main._output_names("out", 2), ["out-0.png", "out-1.png"])
+        self.assertEqual(generate._output_names("out.png", 1), ["out.png"])
+        self.assertEqual(generate._output_names("a/out.png", 2), ["a/out-0.png", "a/out-1.png"])
+        self.assertEqual(generate._output_names("out", 2), ["out-0.png", "out-1.png"])
 
     def test_progress_bar(self):
         stream = io.StringIO()
-        show = main._progress_bar(stream)
+        show = generate._progress_bar(stream)
         show({"action": "queued", "position": 2})
         show({"action": 4, "step": 1, "total": 2})
         show({"action": 4, "step": 2, "total": 2})
@@ -105,3 +109,58 @@ class MainTests(SynchronousTestCase):
         self.patch(main.sys, "stderr", stderr)
         self.assertEqual(main.main(["ping", "--port", str(port)]), 1)
         self.assertIn(f"nothing listens on 127.0.0.1:{port}", stderr.getvalue())
+
+    def test_a_server_that_closes_without_answering(self):
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            port = server.getsockname()[1]
+            stderr = io.StringIO()
+            self.patch(main.sys, "stderr", stderr)
+            # The server reads the ping (a packet and the end-of-message packet) and closes
+            # the connection without a word.
+            def read_and_close():
+                connection = server.accept()[0]
+                with connection:
+                    received = b""
+                    while len(received) < 2 * framing.DEFAULT_PACKET_SIZE:
+                        received += connection.recv(1 << 16)
+            accepted = threading.Thread(target=read_and_close)
+            accepted.start()
+            self.assertEqual(main.main(["ping", "--port", str(port)]), 1)
+            accepted.join()
+        self.assertIn("the server closed the connection", stderr.getvalue())
+        self.assertNotIn("refused", stderr.getvalue())
+
+    def test_a_host_that_does_not_exist(self):
+        stderr = io.StringIO()
+        self.patch(main.sys, "stderr", stderr)
+        self.assertEqual(main.main(["ping", "--host", "no-such-host.invalid"]), 1)
+        self.assertIn("runai: cannot find the host no-such-host.invalid", stderr.getvalue())
+
+
+class ServerErrorTests(SynchronousTestCase):
+    """A refusal (the request was wrong) and a failure (the server's side) read differently."""
+
+    def line(self, code):
+        return main.server_error_line(ServerError(code, "the message"))
+
+    def test_the_clients_own_bad_input_is_refused(self):
+        for code in (errors.BAD_REQUEST, errors.OUT_OF_RANGE, errors.UNKNOWN_SCHEDULER, errors.MODEL_NOT_FOUND,
+                     errors.PATH_OUTSIDE_MODEL_DIR, errors.UNAUTHORIZED, errors.MESSAGE_TOO_LARGE):
+            self.assertEqual(self.line(code), f"runai: the server refused: the message ({code})")
+
+    def test_a_failure_on_the_servers_side_is_not_a_refusal(self):
+        for code in (errors.INTERNAL, errors.OUT_OF_MEMORY, errors.MODEL_LOAD_FAILED, errors.SHUTTING_DOWN,
+                     errors.CONVERT_FAILED, "a-code-from-a-newer-server"):
+            self.assertEqual(self.line(code), f"runai: the server failed: the message ({code})")
+        self.assertEqual(self.line(errors.CANCELLED), "runai: cancelled: the message (cancelled)")
+
+    def test_main_reports_an_internal_error_as_a_failure(self):
+        def internal(args):
+            raise ServerError(errors.INTERNAL, "an unexpected failure (logged)")
+        self.patch(main, "ping", internal)
+        stderr = io.StringIO()
+        self.patch(main.sys, "stderr", stderr)
+        self.assertEqual(main.main(["ping"]), 1)
+        self.assertEqual(stderr.getvalue(), "runai: the server failed: an unexpected failure (logged) (internal)\n")

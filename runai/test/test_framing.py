@@ -171,6 +171,54 @@ class LargeMessageTests(SynchronousTestCase):
         self.assertEqual(decoder.feed(encode(big, 1024)), [Message(big)])
         self.assertEqual(decoder.buffered, 0)
 
+    def test_large_message_in_reads_is_bytes(self):
+        # Read by read, a large message moves into its body as it is searched; it comes
+        # out as bytes (which the JSON decoder takes without another copy), whatever the
+        # packet size and however TCP cut it, and the stream goes on after it.
+        for p in (1, 16, 1024):
+            payload = b"{" + bytes(range(35, 127)) * (3 * framing.FLUSH_SIZE // 92) + b"}"
+            stream = encode(payload, p) + encode(b"{}", p) + b"c" * p
+            for chunk in (1000, 4099, 65536, 1 << 20):
+                events = feed_all(Decoder(p), split(stream, range(0, len(stream), chunk)))
+                self.assertEqual(events, [Message(payload), Message(b"{}"), CANCEL], (p, chunk))
+                self.assertIs(type(events[0].payload), bytes)
+
+    def test_large_message_buffer_stays_small(self):
+        p, chunk = 1024, 65536
+        payload = b"{" + b"a" * (1 << 20)
+        stream = encode(payload, p)
+        decoder = Decoder(p)
+        fed = 0
+        for piece in split(stream, range(0, len(stream), chunk))[:-1]:
+            self.assertEqual(decoder.feed(piece), [])
+            fed += len(piece)
+            # All of it held, and reported as held; but little of it in the searched buffer.
+            self.assertEqual(decoder.buffered, fed)
+            self.assertTrue(decoder.in_message)
+            self.assertLessEqual(len(decoder._buffer), framing.FLUSH_SIZE + p + chunk)
+        self.assertEqual(decoder.feed(stream[fed:]), [Message(payload)])
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_every_cut_near_the_end_of_a_large_message(self):
+        # The last data packet (whose padding is stripped) and the EOM, cut anywhere,
+        # after the start of the message has moved into its body.
+        for p, extra in ((16, 5), (16, 16), (1024, 1), (1024, 1023)):
+            payload = b"{" + b"q" * (2 * framing.FLUSH_SIZE + extra - 1)
+            stream = encode(payload, p) + b"x" * p
+            head = split(stream[:-4 * p], range(0, len(stream), 4096))
+            for cut in range(len(stream) - 4 * p, len(stream)):
+                events = feed_all(Decoder(p), head + [stream[len(stream) - 4 * p:cut], stream[cut:]])
+                self.assertEqual(events, [Message(payload), QUIT], (p, extra, cut))
+
+    def test_large_hostile_message(self):
+        # NUL runs that are not EOMs, on both sides of where the buffer is cut.
+        for p in (16, 1024):
+            payload = hostile_payload(p, 3 * framing.FLUSH_SIZE)
+            stream = encode(payload, p) * 2
+            for chunk in (p - 3, 1000, 65536):
+                self.assertEqual(feed_all(Decoder(p), split(stream, range(0, len(stream), chunk))),
+                                 [Message(payload)] * 2, (p, chunk))
+
 
 class ControlPacketTests(SynchronousTestCase):
     p = 16
@@ -322,6 +370,12 @@ class SizeLimitTests(SynchronousTestCase):
         body = hostile_payload(p, 50 * p)[1:]
         self.assert_refused_early(Decoder(p, 300), b"{", self.endless(body))
 
+    def test_endless_large_message(self):
+        # Limits larger than the decoder's buffer: what it holds is counted, body included.
+        for p, limit in ((16, 200_000), (1024, 300_000)):
+            self.assert_refused_early(Decoder(p, limit), b"{", self.endless(b"a" * 65536))
+            self.assert_refused_early(Decoder(p, limit), b"{" + b"a" * (p + 2), self.endless(b"a" * 4000 + bytes(p)))
+
     def test_too_large_in_one_feed(self):
         for p, limit in ((16, 160), (16, 165), (1024, 3000)):
             payload = b"{" + b"a" * limit  # limit + 1 bytes
@@ -349,6 +403,17 @@ class SizeLimitTests(SynchronousTestCase):
             self.assertEqual(
                 feed_all(Decoder(p, limit), [stream[i:i + 1] for i in range(len(stream))]),
                 expected, (p, limit))
+
+    def test_large_limit_read_by_read(self):
+        p, limit = 1024, 200_000
+        payload = b"{" + b"a" * (limit - 1)
+        stream = encode(payload, p) + encode(b"{}", p)
+        self.assertEqual(feed_all(Decoder(p, limit), split(stream, range(0, len(stream), 4000))),
+                         [Message(payload), Message(b"{}")])
+        too_large = encode(payload + b"a", p)
+        with self.assertRaises(MessageTooLarge) as caught:
+            feed_all(Decoder(p, limit), split(too_large, range(0, len(too_large), 4000)))
+        self.assertEqual(caught.exception.size, limit + 1)
 
     def test_limit_applies_per_message(self):
         p, limit = 16, 100

@@ -253,8 +253,6 @@ class CacheSizeOptionTests(SynchronousTestCase):
                 parse_cache_size(bad)
 
     def test_option_reaches_the_engine(self):
-        from twisted.python import usage
-
         from runai import tap
 
         config = tap.Options()

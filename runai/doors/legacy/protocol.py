@@ -9,6 +9,12 @@ Backpressure: the protocol is its transport's streaming producer. When the clien
 reading and the transport's buffer fills, Twisted pauses it, and it stops reading (and
 handling) that client's requests until the buffer has drained; a long reply (the images of
 a ``history_get``) waits on :meth:`RunaiProtocol.when_writable` between its messages.
+
+Large requests: Twisted's TCP transport reads at most its ``bufferSize`` (64 KiB) per
+trip through the reactor, so a 32 MiB request would take 512 of them; while a large
+message comes in, the protocol raises it to :data:`LARGE_READ_SIZE`. The same attribute is
+how much unsent data pauses the transport's producer, so it is raised for no longer than
+the large message takes to arrive.
 """
 
 import collections
@@ -24,6 +30,11 @@ from zope.interface import implementer
 from runai.core import errors
 from runai.doors.legacy import framing, replies
 from runai.doors.legacy.session import Session
+
+# While a message larger than LARGE_MESSAGE is being received, the transport reads up to
+# LARGE_READ_SIZE bytes at a time.
+LARGE_MESSAGE = 64 * 1024
+LARGE_READ_SIZE = 1024 * 1024
 
 
 @implementer(IPushProducer)
@@ -41,6 +52,8 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         self._handling = False
         self._parsing = None  # a large request being parsed off the reactor: hold the rest
         self._writable = []  # Deferreds of when_writable(), fired at resumeProducing
+        self._read_size = None  # the transport's own bufferSize, if it has one
+        self._large_reads = False
 
     # Twisted events ------------------------------------------------------------------
 
@@ -57,6 +70,7 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         self.session = Session(self, factory)
         # The factory's reactor, so that tests drive idle timeouts with a task.Clock.
         self.callLater = factory.reactor.callLater
+        self._read_size = getattr(self.transport, "bufferSize", None)
         self.transport.registerProducer(self, True)
         self._producer = True
         factory.client_connected(self)
@@ -71,8 +85,16 @@ class RunaiProtocol(Protocol, TimeoutMixin):
             self.close()
             return
         self._events.extend(events)
+        self._size_reads()
         self._handle_events()
         self._arm_idle_timeout()
+
+    def _size_reads(self):
+        """Read a large message in large reads; anything else as the transport would."""
+        large = self.decoder.buffered >= LARGE_MESSAGE
+        if large != self._large_reads and self._read_size is not None:
+            self._large_reads = large
+            self.transport.bufferSize = max(LARGE_READ_SIZE, self._read_size) if large else self._read_size
 
     def _arm_idle_timeout(self):
         if not self.closing:

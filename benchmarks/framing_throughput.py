@@ -2,6 +2,11 @@
 
 Goal: framing throughput at least half of a plain loopback socket.
 
+This measures the codec and the socket, not a request: its runai servers replace the
+session (no parse, no parse pool) and its floor reads 64 KiB at a time. The time of a large
+request through the real server, against a floor that reads 1 MiB at a time and decodes
+the JSON, is ``benchmarks/large_request.py``'s.
+
 One 32 MiB message (a JSON object with one long base64 string, like an image in an
 img2img request), framed with ``runai.doors.legacy.framing.encode`` at packet size 1024, is sent over
 127.0.0.1 by this process to a server running in a subprocess:

@@ -8,7 +8,9 @@ servers, each in its own process, get the same framed bytes:
 
 * ``runai``: the real server, ``twistd --nodaemon --pidfile= --logfile=- runai --port 0
   --model-dir TMP`` (``benchmarks/_support.py``): the legacy door as ``twistd`` wires it,
-  on the real reactor, with its parse pool; it answers ``pong``;
+  on the real reactor, with its parse pool; it answers ``pong``. It loads torch in its
+  worker thread once it listens (seconds of CPU, holding the GIL much of the time), so the
+  timing starts only once it has gone idle (a request meanwhile takes up to twice as long);
 * ``floor``: a plain Python socket server that reads with ``recv(1 MiB)`` into one
   ``bytearray`` until the stream ends with an aligned end-of-message packet, strips the
   EOM and the padding, runs ``json.loads`` on the payload, and answers a framed ``pong``.
@@ -167,7 +169,9 @@ def main():
         os.mkdir(os.path.join(tmp, "models"))
         runai = Server(os.path.join(tmp, "models"), tmp)
         floor, floor_port = start_floor()
+        waited = time.perf_counter()
         wait_idle(runai.pid)
+        print(f"the server went idle {time.perf_counter() - waited:.1f} s after it listened")
         ports = {"runai": runai.port, "floor": floor_port}
         for name in ports:  # one untimed run each: imports, page faults, TCP warm-up
             send_once(ports[name], framed)

@@ -10,7 +10,7 @@ def decode_object(data, what="message"):
     """The JSON object in ``data`` (bytes), or RunaiError ``bad_encoding`` / ``bad_json``
     naming ``what`` it is (a message, a body)."""
     try:
-        text = bytes(data).decode("utf-8")
+        text = str(data, "utf-8")  # from bytes or a bytearray alike, without a copy
     except UnicodeDecodeError as e:
         raise errors.RunaiError(errors.BAD_ENCODING, f"the {what} is not valid UTF-8 (byte {e.start})")
     try:

@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from runai.core import errors
 from runai.doors.legacy import framing
+from runai.doors.legacy.protocol import LARGE_READ_SIZE
 from runai.backends.local import LocalWorker
 from runai.test.support import FakeImage, decode_all, frame, make_server
 from runai.test.test_legacy_history import ServerTestCase
@@ -282,3 +283,49 @@ class RealSocketTests(TestCase):
 
 def json_of(event):
     return json.loads(event.payload)
+
+
+class LargeRequestTests(TestCase):
+    """Twisted's own TCP transport reads a large request in large reads (its bufferSize),
+    and gets its own write buffer threshold (the same attribute) back once it has arrived."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_large_reads_then_the_usual_threshold(self):
+        models = os.path.realpath(self.mktemp())
+        os.makedirs(models)
+        _, _, factory = make_server(reactor, models, LocalWorker(reactor), pool=reactor.getThreadPool())
+        seen, protos = [], []
+
+        class Recording(factory.protocol):
+            def connectionMade(self):
+                protos.append(self)
+                super().connectionMade()
+
+            def dataReceived(self, data):
+                seen.append(self.transport.bufferSize)
+                super().dataReceived(data)
+
+        factory.protocol = Recording
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        request = frame({"action": "ping", "id": "big", "pad": "x" * (8 * 1024 * 1024)})
+
+        def ping():
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as sock:
+                sock.sendall(request)
+                reply = b""
+                while not reply.endswith(bytes(framing.DEFAULT_PACKET_SIZE)):
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        raise AssertionError("the server closed the connection")
+                    reply += data
+                return decode_all(reply)
+        replies = yield threads.deferToThread(ping)
+        [proto] = protos
+        self.assertEqual([(m["action"], m["id"]) for m in replies], [("pong", "big")])
+        default = type(proto.transport).bufferSize
+        self.assertEqual(seen[0], default)
+        self.assertIn(LARGE_READ_SIZE, seen)
+        self.assertEqual(proto.transport.bufferSize, default)

@@ -200,15 +200,16 @@ class LargeMessageTests(SynchronousTestCase):
         self.assertEqual(decoder.buffered, 0)
 
     def test_every_cut_near_the_end_of_a_large_message(self):
-        # The last data packet (whose padding is stripped) and the EOM, cut anywhere,
-        # after the start of the message has moved into its body.
+        # The last data packet (whose padding is stripped) and the EOM, cut anywhere, just
+        # after the message has moved into its body (so, up to a few bytes before the cut).
         for p, extra in ((16, 5), (16, 16), (1024, 1), (1024, 1023)):
             payload = b"{" + b"q" * (2 * framing.FLUSH_SIZE + extra - 1)
             stream = encode(payload, p) + b"x" * p
-            head = split(stream[:-4 * p], range(0, len(stream), 4096))
             for cut in range(len(stream) - 4 * p, len(stream)):
-                events = feed_all(Decoder(p), head + [stream[len(stream) - 4 * p:cut], stream[cut:]])
-                self.assertEqual(events, [Message(payload), QUIT], (p, extra, cut))
+                self.assertEqual(feed_all(Decoder(p), [stream[:cut], stream[cut:]]), [Message(payload), QUIT],
+                                 (p, extra, cut))
+                self.assertEqual(feed_all(Decoder(p), [stream[:cut], stream[cut:cut + 1], stream[cut + 1:]]),
+                                 [Message(payload), QUIT], (p, extra, cut))
 
     def test_large_hostile_message(self):
         # NUL runs that are not EOMs, on both sides of where the buffer is cut.

@@ -1,8 +1,12 @@
 """runai.doors.legacy.protocol: framing in and out, limits and timeouts, through a
 StringTransport and a Clock."""
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
 from runai.core import errors
 from runai.doors.legacy import framing
+from runai.doors.legacy.protocol import LARGE_MESSAGE, LARGE_READ_SIZE
 from runai.client import txt2img_request
 from runai.test.support import ServerTestCase, frame
 
@@ -121,3 +125,56 @@ class FramingTests(ServerTestCase):
         self.assertEqual(pong["action"], "pong")
         self.assertFalse(transport.disconnecting)
         self.assertEqual(self.stopped, [])
+
+
+class TCPLikeTransport(StringTransport):
+    """Has the attribute that sizes a Twisted TCP transport's reads (and its write buffer)."""
+
+    bufferSize = 65536
+
+
+class ReadSizeTests(ServerTestCase):
+    def connect_tcp(self):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
+        transport = TCPLikeTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 12345))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_large_message_read_in_large_reads(self):
+        proto, transport = self.connect_tcp()
+        data = frame({"action": "ping", "id": 1, "pad": "x" * (4 * LARGE_MESSAGE)})
+        proto.dataReceived(data[:LARGE_MESSAGE - 1])
+        self.assertEqual(transport.bufferSize, 65536)
+        proto.dataReceived(data[LARGE_MESSAGE - 1:2 * LARGE_MESSAGE])
+        self.assertEqual(transport.bufferSize, LARGE_READ_SIZE)
+        # The message done, the transport reads and buffers writes as it did before.
+        proto.dataReceived(data[2 * LARGE_MESSAGE:])
+        self.assertEqual(transport.bufferSize, 65536)
+        self.assertEqual([m["id"] for m in self.replies(transport)], [1])
+
+    def test_small_messages_keep_the_read_size(self):
+        proto, transport = self.connect_tcp()
+        for i in range(3):
+            proto.dataReceived(frame({"action": "ping", "id": i, "pad": "x" * 5000}))
+            self.assertEqual(transport.bufferSize, 65536)
+        self.assertEqual([m["id"] for m in self.replies(transport)], [0, 1, 2])
+
+    def test_large_message_on_a_transport_without_a_read_size(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame({"action": "ping", "id": 1, "pad": "x" * (4 * LARGE_MESSAGE)}))
+        self.assertEqual([m["id"] for m in self.replies(transport)], [1])
+        self.assertFalse(hasattr(transport, "bufferSize"))
+
+    def test_half_a_large_message_then_silence(self):
+        # Most of what was received has left the decoder's buffer for the message's body:
+        # it is still half a message, timed out as any other.
+        proto, transport = self.connect_tcp()
+        data = frame({"action": "ping", "pad": "x" * (8 * LARGE_MESSAGE)})
+        for i in range(0, 4 * LARGE_MESSAGE, LARGE_MESSAGE):
+            proto.dataReceived(data[i:i + LARGE_MESSAGE])
+            self.reactor.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1)
+        [reply] = self.replies(transport)
+        self.assertEqual(reply["error"]["code"], errors.IDLE_TIMEOUT)
+        self.assertTrue(transport.disconnecting)

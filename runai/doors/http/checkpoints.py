@@ -165,9 +165,12 @@ class Checkpoints:
                 raise errors.RunaiError(errors.MODEL_NOT_FOUND, f"no model {wanted!r}: see /sdapi/v1/sd-models")
             return model["name"]
 
-        if wanted is None or self.find(wanted) is None:
+        # A fresh listing only when the answer depends on it: a default set by /options is
+        # the answer as it is (a scan per request would be I/O for nothing).
+        known = self.default is not None if wanted is None else self.find(wanted) is not None
+        if not known:
             return self.listing().addCallback(pick)
-        return defer.succeed(pick(None))
+        return defer.maybeDeferred(pick, None)
 
     def default_model(self):
         """The default model's name: what /options set, else the first served one."""

@@ -32,6 +32,7 @@ log = Logger(namespace="runai.tap")
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+MAX_WORKERS = 64
 
 
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -121,7 +122,6 @@ class Options(usage.Options):
                                      "(seconds).", _number(float, "idle-timeout")],
         ["shutdown-timeout", None, 5.0, "Seconds a stop waits for the running denoising step to end; the server "
                                         "exits after that even if it has not.", _number(float, "shutdown-timeout")],
-        ["device", None, "auto", "auto, cpu, cuda or cuda:N."],
         ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
         ["cache-size", None, "2", "How many models to keep loaded (e.g. 2), or how much memory their weights "
                                   "may take (e.g. 8GiB, 6000MB); the least recently used one goes first."],
@@ -135,6 +135,14 @@ class Options(usage.Options):
          "When a client asks for the NSFW filter and CompVis/stable-diffusion-safety-checker is not in "
          "the model folder: 'refuse' the request, or generate 'unchecked' and say so in each reply."],
     ]
+
+    def __init__(self):
+        super().__init__()
+        self["devices"] = []
+
+    def opt_device(self, device):
+        "auto, cpu, cuda or cuda:N (default auto); several times for one worker per device, one queue."
+        self["devices"].append(device)
 
     def parseOptions(self, options=None):
         try:
@@ -152,8 +160,13 @@ class Options(usage.Options):
         for name in ("timeout", "idle-timeout", "shutdown-timeout"):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
-        if not DEVICE_RE.match(self["device"]):
-            raise usage.UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {self['device']!r}")
+        self["devices"] = self["devices"] or ["auto"]
+        for device in self["devices"]:
+            if not DEVICE_RE.match(device):
+                raise usage.UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+        if len(self["devices"]) > MAX_WORKERS:
+            raise usage.UsageError(f"--device: at most {MAX_WORKERS} workers")
+        self["device"] = self["devices"][0]
         if self["missing-safety-checker"] not in ("refuse", "unchecked"):
             raise usage.UsageError("--missing-safety-checker must be 'refuse' or 'unchecked'")
         if self["dtype"] not in DTYPES:
@@ -282,6 +295,22 @@ def existing_temporary_folder():
     return os.getcwd()
 
 
+def local_workers(config, reactor, library):
+    """One :class:`LocalWorker` per ``--device``, each with its own thread, pipelines and
+    cache, all reading the one model ``library``. Several workers share the CPU's cores
+    between them (torch's intra-op threads), so that two CPU workers do not each try to
+    use every core."""
+    devices = config.get("devices") or [config.get("device", "auto")]
+    cpu_threads = max(1, (os.cpu_count() or 1) // len(devices)) if len(devices) > 1 else None
+    return [
+        LocalWorker(reactor, device=device, dtype=config["dtype"], stop_timeout=config.get("shutdown-timeout", 5.0),
+                    name=f"runai-worker-{index}-{device}", cpu_threads=cpu_threads, engine_options=dict(
+                        library=library, cache_models=config.get("cache-models", 2),
+                        cache_bytes=config.get("cache-bytes")))
+        for index, device in enumerate(devices)
+    ]
+
+
 def makeService(config, reactor=None, pool=None):
     """The service tree: the history store (with --db), the worker, the queue, then the
     listening door. Started in that order, stopped in reverse: the door stops taking
@@ -319,12 +348,10 @@ def makeService(config, reactor=None, pool=None):
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", existing_temporary_folder())
     # One library: the models action lists it, the worker loads from it.
     library = ModelLibrary(config["model-dir"])
-    worker = LocalWorker(reactor, device=config["device"], dtype=config["dtype"],
-                         stop_timeout=config.get("shutdown-timeout", 5.0), engine_options=dict(
-        library=library, cache_models=config.get("cache-models", 2), cache_bytes=config.get("cache-bytes"),
-    ))
-    worker.setServiceParent(top)
-    queue = JobQueue([worker])
+    workers = local_workers(config, reactor, library)
+    for worker in workers:
+        worker.setServiceParent(top)
+    queue = JobQueue(workers)
     queue.setServiceParent(top)
     core = Core(queue, library, reactor, pool=pool, recorder=recorder,
                 refuse_unchecked=config["missing-safety-checker"] == "refuse", log_prompts=config["log-prompts"])
@@ -334,7 +361,7 @@ def makeService(config, reactor=None, pool=None):
         idle_timeout=config["idle-timeout"], auto_shutdown=config["auto-shutdown"], timeout=config["timeout"],
         token=config["token"],
     )
-    started = _announce(factory, [worker], library.model_dir, tls_endpoint=config["endpoint"].startswith("ssl:"))
+    started = _announce(factory, workers, library.model_dir, tls_endpoint=config["endpoint"].startswith("ssl:"))
     endpoint = _Announced(endpoints.serverFromString(reactor, config["endpoint"]), config["endpoint"], started,
                           reactor)
     StreamServerEndpointService(endpoint, factory).setServiceParent(top)

@@ -29,6 +29,13 @@ def default_engine_factory(device, dtype, **options):
     return Engine(device=device, dtype=dtype, **options)
 
 
+def _limit_cpu_threads(count):
+    # In the worker thread: torch is never imported on the reactor thread.
+    import torch
+
+    torch.set_num_threads(count)
+
+
 @implementer(IWorker)
 class LocalWorker(service.Service):
     """Runs jobs on ``device`` in its own thread; a Service that starts the thread (and
@@ -37,7 +44,7 @@ class LocalWorker(service.Service):
     log = Logger()
 
     def __init__(self, reactor, device="auto", dtype="auto", engine_factory=default_engine_factory, pool=None,
-                 engine_options=None, stop_timeout=5.0):
+                 engine_options=None, stop_timeout=5.0, name=None, cpu_threads=None):
         self.reactor = reactor
         # How long a stop waits for the running step to end before the process goes on
         # without it (a step of a large batch on a slow device takes minutes).
@@ -47,9 +54,11 @@ class LocalWorker(service.Service):
         self._engine_factory = engine_factory
         # More keywords for the engine factory: library, cache_models, cache_bytes.
         self.engine_options = dict(engine_options or {})
+        # torch's intra-op threads for this process, when several workers share the CPU.
+        self.cpu_threads = cpu_threads
         self._engine = None
         if pool is None:
-            pool = ThreadPool(minthreads=1, maxthreads=1, name=f"runai-{device}")
+            pool = ThreadPool(minthreads=1, maxthreads=1, name=name or f"runai-{device}")
             # A daemon: a step that outlives the stop's deadline does not hold the exit.
             pool.threadFactory = functools.partial(threading.Thread, daemon=True)
         self.pool = pool
@@ -108,6 +117,8 @@ class LocalWorker(service.Service):
 
     def _get_engine(self):
         if self._engine is None:
+            if self.cpu_threads is not None:
+                _limit_cpu_threads(self.cpu_threads)
             self._engine = self._engine_factory(self.device, self.dtype, **self.engine_options)
         return self._engine
 

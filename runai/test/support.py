@@ -31,9 +31,9 @@ CORE_OPTIONS = ("refuse_unchecked", "log_prompts")
 
 def make_server(reactor, models, worker, store=None, pool=None, **options):
     """``(queue, core, factory)``: the legacy door in front of the core, in front of a
-    queue of ``worker``, as ``twistd runai`` wires them; ``store`` keeps the history.
+    queue of ``worker`` (or of a list of workers), as ``twistd runai`` wires them; ``store`` keeps the history.
     ``options`` go to the core or the factory, by name."""
-    queue = JobQueue([worker])
+    queue = JobQueue(worker if isinstance(worker, list) else [worker])
     core = Core(queue, ModelLibrary(models), reactor, pool=pool, recorder=Recorder(store) if store else None,
                 **{k: v for k, v in options.items() if k in CORE_OPTIONS})
     factory = RunaiFactory(core, reactor, parse_pool=pool,

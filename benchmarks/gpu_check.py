@@ -1,4 +1,4 @@
-"""GPU check: an SD 1.5-sized fp16 txt2img through the runai server vs diffusers in-process.
+"""GPU check: SD 1.5- and SDXL-sized fp16 txt2img through the runai server vs diffusers in-process.
 
 For a machine with an NVIDIA GPU (H100/H200). Builds a random-weight pipeline with Stable
 Diffusion 1.5's architecture (``runai.test.tiny.build_sd15_pipeline``, float16, built on
@@ -13,6 +13,13 @@ the GPU) in a temporary folder, then:
    (``from_pretrained(dtype=float16).to("cuda")``, the model's own scheduler), warms up
    once and times ``--runs`` calls (``torch.cuda.synchronize`` around each), with it/s
    from step-end callback timestamps, measured as on the server side.
+
+With ``--family sdxl`` (or ``all``, the default: SD 1.5 then SDXL, one after the other) the
+same is done for a random-weight pipeline with SDXL 1.0 base's architecture
+(``runai.test.tiny_xl.build_sdxl_pipeline``) at 1024x1024, 30 steps, asking the server for
+``euler`` (SDXL's own scheduler); it also reports the share of the server's image that is
+not black (a float16 VAE that overflows gives black or NaN images; the server decodes
+SDXL's original VAE in float32) and the server's log line on the VAE's precision.
 
 The server is asked for ``plms``, which is the model's own scheduler (PNDM without PRK
 steps, as in SD 1.5's config), so both sides run the same 51 UNet evaluations for 50
@@ -76,22 +83,44 @@ def rate(stamps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--family", choices=("sd15", "sdxl", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=None, help="default 50 (SD 1.5), 30 (SDXL)")
+    parser.add_argument("--size", type=int, default=None, help="default 512 (SD 1.5), 1024 (SDXL)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side (default 3)")
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny float32 pipeline instead of the SD 1.5-sized fp16 one (smoke test)")
     args = parser.parse_args()
+    for family in ("sd15", "sdxl") if args.family == "all" else (args.family,):
+        check(family, args)
 
+
+def not_black(png):
+    """The share of pixels of ``png`` that are not pure black."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    return float((pixels.max(axis=2) > 0).mean())
+
+
+def check(family, args):
+    xl = family == "sdxl"
+    steps = args.steps or (30 if xl else 50)
+    size = args.size or (1024 if xl else 512)
+    scheduler = "euler" if xl else "plms"
+    name = "SDXL" if xl else "SD 1.5"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     from runai.client import BlockingClient
     from runai.test.tiny import build_sd15_pipeline, build_tiny_pipeline
+    from runai.test.tiny_xl import build_sdxl_pipeline, build_tiny_sdxl_pipeline
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
@@ -108,20 +137,18 @@ def main():
         gpu = f"none, {device} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
     print(f"GPU: {gpu}")
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, xformers: {xformers_status()}")
-    print(f"{'tiny' if args.tiny else 'SD 1.5-sized'} random-weight pipeline, {dtype_name}; "
-          f"{args.size}x{args.size}, {args.steps} steps, {args.runs} timed runs per side", flush=True)
-
-    size, steps = args.size, args.steps
+    print(f"\n== {'tiny ' if args.tiny else ''}{name}-sized random-weight pipeline, {dtype_name}; "
+          f"{size}x{size}, {steps} steps, {scheduler}, {args.runs} timed runs per side", flush=True)
     tmp = tempfile.mkdtemp(prefix="runai-gpu-check-")
     server = None
     try:
         models = os.path.join(tmp, "models")
-        model_path = os.path.join(models, "bench", "sd15")
+        model_path = os.path.join(models, "bench", family)
         started = time.perf_counter()
         if args.tiny:
-            build_tiny_pipeline(model_path)
+            (build_tiny_sdxl_pipeline if xl else build_tiny_pipeline)(model_path)
         else:
-            build_sd15_pipeline(model_path, dtype=dtype, device=device)
+            (build_sdxl_pipeline if xl else build_sd15_pipeline)(model_path, dtype=dtype, device=device)
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -131,9 +158,9 @@ def main():
         started = time.perf_counter()
         server = Server(models, tmp, "--device", device, "--dtype", dtype_name)
         options = dict(steps=steps, scale=SCALE, seed=SEED, width=size, height=size, n_samples=1,
-                       n_iter=1, scheduler="plms")
+                       n_iter=1, scheduler=scheduler)
         with BlockingClient(port=server.port, timeout=600) as client:
-            client.generate(PROMPT, "bench/sd15", **options)  # warm-up: loads the model
+            client.generate(PROMPT, f"bench/{family}", **options)  # warm-up: loads the model
             print(f"server start + warm-up request (model load + one image): "
                   f"{time.perf_counter() - started:.1f} s", flush=True)
             server_runs = []
@@ -147,19 +174,25 @@ def main():
                         stamps["image"] = time.perf_counter()
 
                 start = time.perf_counter()
-                images = client.generate(PROMPT, "bench/sd15", on_message=on_message, **options)
+                images = client.generate(PROMPT, f"bench/{family}", on_message=on_message, **options)
                 assert len(images) == 1
+                lit = not_black(images[0].png)
                 its, span = rate(progress)
                 server_runs.append((its, span, stamps["image"] - start, len(progress)))
                 print(f"  server run: {its:.2f} it/s ({len(progress) - 1} steps from 1st to last progress "
-                      f"in {span:.3f} s), request {stamps['image'] - start:.3f} s", flush=True)
+                      f"in {span:.3f} s), request {stamps['image'] - start:.3f} s; {lit:.1%} of the image not black",
+                      flush=True)
         server.stop()
         attention = "xformers" if "using xformers" in server.log_text() else "SDPA (diffusers' default)"
+        for line in server.log_text().splitlines():
+            if "VAE" in line:
+                print(f"  server log: {line.strip()}")
         server = None
 
         # 2. In-process, diffusers' defaults ----------------------------------------------
         started = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(model_path, local_files_only=True, dtype=dtype)
+        pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        pipe = pipeline_class.from_pretrained(model_path, local_files_only=True, dtype=dtype)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         print(f"in-process load: {time.perf_counter() - started:.1f} s; scheduler "
@@ -205,7 +238,7 @@ def main():
     ratio = s_its / i_its
     print(f"server/in-process: it/s {ratio:.1%}, total time {s_req / i_call:.1%} "
           f"({(s_req - i_call) * 1000:+.0f} ms)")
-    print(f"VERDICT: the server denoises at {ratio:.0%} of in-process diffusers' speed and takes "
+    print(f"VERDICT ({name}): the server denoises at {ratio:.0%} of in-process diffusers' speed and takes "
           f"{(s_req - i_call) / i_call:+.1%} time per request on {gpu}")
 
 

@@ -157,3 +157,58 @@ def build_tiny_sdxl_pipeline(
         pipe = StableDiffusionXLPipeline(**components)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+SDXL_VOCAB_SIZE = 49408
+
+
+def build_sdxl_pipeline(path, dtype=torch.float16, seed=0, device=None):
+    """Write a random-weight pipeline with SDXL 1.0 base's real architecture (UNet 2.6 B
+    parameters, CLIP ViT-L and OpenCLIP bigG text encoders, the original VAE with
+    ``force_upcast``), for GPU benchmarks: the same work per step as SDXL 1.0 without
+    downloading it. ``device`` (e.g. "cuda") builds there. The images are noise, and in
+    float16 the random UNet may give NaN latents; only timings and the VAE's precision
+    policy mean anything.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        tiny.write_tokenizer(path / name)
+    tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(path / "tokenizer_2"), local_files_only=True)
+    if len(tokenizer) > SDXL_VOCAB_SIZE:
+        raise AssertionError("the synthetic tokenizer must fit CLIP's vocabulary")
+
+    def text_config(tok, hidden, layers, heads, act):
+        config = _text_config(tok, hidden, layers, heads, act, hidden)
+        config.vocab_size = SDXL_VOCAB_SIZE
+        config.intermediate_size = hidden * 4
+        return config
+
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, cross_attention_dim=2048, norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=1024,
+            scaling_factor=SDXL_VAE_SCALING, force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(text_config(tokenizer, 768, 12, 12, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, 1280, 32, 20, "gelu"))
+    if dtype != torch.float32:
+        unet, text_encoder, text_encoder_2 = unet.to(dtype), text_encoder.to(dtype), text_encoder_2.to(dtype)
+        vae = vae.to(dtype)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG))
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return path

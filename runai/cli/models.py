@@ -67,7 +67,7 @@ def convert_command(args):
             import torch
 
             count = convert.diffusers_to_single_file(src, dst, dtype=torch.float16 if args.half else None)
-            print(f"{dst}: {count} tensors, LDM layout")
+            print(f"{dst}: {count} tensors, original (LDM/SGM) layout")
         elif fmt in ("safetensors", "ckpt"):
             if args.half:
                 print("runai convert: --half applies to diffusers -> .safetensors only", file=sys.stderr)
@@ -93,7 +93,7 @@ def add_commands(commands, common):
 
     c = commands.add_parser(
         "convert", help="convert a .safetensors/.ckpt into a diffusers folder, or a diffusers folder into "
-                        "one .safetensors (LDM layout); runs here, without a server",
+                        "one .safetensors (the original LDM/SGM layout); runs here, without a server",
     )
     c.add_argument("src", help="a .safetensors or .ckpt file, or a diffusers folder")
     c.add_argument("dst", help="the diffusers folder, or the .safetensors file, to create (never overwritten)")

@@ -8,6 +8,7 @@ reactor thread, or in its thread pool for a large request and for one with image
 are decoded whole here (:func:`runai.core.images.check_image`).
 """
 
+import functools
 import os
 import secrets
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Optional
 from runai.core import errors
 from runai.core.images import EncodedImage, check_image
 from runai.core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from runai.models.classify import SDXL
+from runai.models.library import ModelLibrary
 from runai.models.paths import resolve_model, safety_checker_path
 
 GENERATION_ACTIONS = ("txt2img", "img2img", "inpaint", "outpaint")
@@ -24,6 +27,9 @@ IMAGE_ACTIONS = ("img2img", "inpaint", "outpaint")
 MASK_ACTIONS = ("inpaint", "outpaint")
 MAX_SEED = 2**32 - 1
 MAX_MODEL_NAME_CHARS = 4096
+# The size a txt2img request without one paints at: what the model family was trained at.
+DEFAULT_SIZE = 512
+SDXL_DEFAULT_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,26 @@ def _size(fields, name, limits, default=512):
     return value
 
 
+@functools.lru_cache(maxsize=8)
+def _library(model_dir):
+    # Its classifications are cached: a request costs a stat per file that says what a
+    # model is, and the first request for a model reads its configs or header once.
+    return ModelLibrary(model_dir)
+
+
+def family_default_size(model_path, model_dir, limits):
+    """The side of the square a txt2img request without a size paints at: 1024 for an SDXL
+    model, 512 for the others (and where the model cannot be classified), within the limits."""
+    try:
+        entry = _library(model_dir).describe(model_path)
+    except (OSError, ValueError):
+        return DEFAULT_SIZE
+    if entry.error or entry.version != SDXL:
+        return DEFAULT_SIZE
+    multiple = limits.size_multiple
+    return max(limits.min_size, min(SDXL_DEFAULT_SIZE, limits.max_size) // multiple * multiple)
+
+
 def _image(value, what):
     """A client image, checked; one a door has checked already (an EncodedImage) is kept."""
     return value if isinstance(value, EncodedImage) else check_image(value, what)
@@ -112,7 +138,9 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
     negative = fields.string("negative_prompt", default="", max_chars=limits.max_prompt_chars)
     steps = fields.integer("steps", 20, 1, limits.max_steps)
     pixels = mask = None
-    default_width = default_height = 512
+    default_width = default_height = DEFAULT_SIZE
+    if action not in IMAGE_ACTIONS and (fields.raw("width") is None or fields.raw("height") is None):
+        default_width = default_height = family_default_size(model_path, model_dir, limits)
     if action in IMAGE_ACTIONS:
         raw_pixels = fields.raw("pixels")
         if raw_pixels is None:

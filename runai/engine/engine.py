@@ -1,4 +1,4 @@
-# -*- test-case-name: runai.test.test_engine,runai.test.test_modes -*-
+# -*- test-case-name: runai.test.test_engine,runai.test.test_modes,runai.test.test_engine_xl -*-
 """The torch side: turns a request into PNG images, on the models a
 :class:`runai.models.cache.ModelLoader` keeps loaded.
 
@@ -11,6 +11,7 @@ from runai.models import offline  # before diffusers and transformers
 
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,8 +51,15 @@ class _DropPromptText(logging.Filter):
 for _name in (
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
     "diffusers.pipelines.stable_diffusion",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",
 ):
     logging.getLogger(_name).addFilter(_DropPromptText())
+
+# The SDXL pipelines upcast the VAE for every float16 decode (runai's policy, see
+# runai.models.cache.vae_decode_dtype) through a method they deprecate, warning each time.
+warnings.filterwarnings("ignore", message="`upcast_vae` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -181,11 +189,7 @@ class Engine:
         cls, mode_kwargs = modes.plan(base, request, inputs)
         pipe = self._modes.get(base, cls)
         pipe.scheduler = make_scheduler(request.scheduler, self._scheduler_config)
-        if prompts.needs_chunks(pipe.tokenizer, request.prompt, request.negative_prompt):
-            embeds = prompts.encode(pipe, request.prompt, request.negative_prompt, self.device)
-            log.info("long prompt encoded in {n} chunks", n=embeds[0].shape[1] // pipe.tokenizer.model_max_length)
-        else:
-            embeds = None
+        text = self._text(pipe, request)
 
         seeds = request.seeds()
         # Steps done so far, and how the progress total is counted: by batches, until a
@@ -198,7 +202,7 @@ class Engine:
                     raise errors.JobCancelled()
                 batch_seeds = seeds[batch * request.n_samples : (batch + 1) * request.n_samples]
                 images = self._denoise(
-                    pipe, request, batch_seeds, progress, on_progress, is_cancelled, mode_kwargs, embeds,
+                    pipe, request, batch_seeds, progress, on_progress, is_cancelled, mode_kwargs, text,
                     images_left=len(seeds) - batch * request.n_samples,
                 )
                 images = [modes.finish(image, request, inputs) for image in images]
@@ -233,6 +237,25 @@ class Engine:
             )
         return produced
 
+    def _text(self, pipe, request):
+        """The prompt's arguments to the pipeline: the text where it fits, which diffusers
+        encodes; else its embeddings, encoded here in chunks (:mod:`runai.engine.prompts`)."""
+        sdxl = modes.family(pipe).sdxl
+        texts = (request.prompt, request.negative_prompt)
+        if not any(prompts.needs_chunks(t, *texts) for t in prompts.tokenizers(pipe)):
+            # SDXL: no negative prompt is None to diffusers, which then zeroes the negative
+            # embeddings (force_zeros_for_empty_prompt), as prompts.encode_xl does.
+            negative = (request.negative_prompt or None) if sdxl else request.negative_prompt
+            return dict(prompt=request.prompt, negative_prompt=negative)
+        if sdxl:
+            text = prompts.encode_xl(pipe, request.prompt, request.negative_prompt, self.device)
+        else:
+            embeds, negative = prompts.encode(pipe, request.prompt, request.negative_prompt, self.device)
+            text = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
+        log.info("long prompt encoded in {n} chunks",
+                 n=text["prompt_embeds"].shape[1] // pipe.tokenizer.model_max_length)
+        return text
+
     def _check(self, request, images):
         """Safety-checker flags per image, or None when not asked for or not installed."""
         if not request.nsfw_filter or request.safety_checker is None:
@@ -241,13 +264,13 @@ class Engine:
             self._safety = SafetyChecker(self.device, self.dtype)
         return self._safety.flags(request.safety_checker, images)
 
-    def _denoise(self, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, embeds,
+    def _denoise(self, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, text,
                  images_left):
         """One batch as one batch where memory allows, else one image at a time."""
         if not progress.single:
             try:
                 return self._run_batch(pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs,
-                                       embeds)
+                                       text)
             except torch.OutOfMemoryError:
                 if len(seeds) == 1:
                     raise
@@ -259,10 +282,10 @@ class Engine:
         images = []
         for seed in seeds:
             images += self._run_batch(pipe, request, [seed], progress, on_progress, is_cancelled, mode_kwargs,
-                                      embeds)
+                                      text)
         return images
 
-    def _run_batch(self, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, embeds):
+    def _run_batch(self, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, text):
         """Denoise one batch; returns its PIL images."""
         # One generator per image: image k's noise depends on its seed alone, so it comes
         # out the same in a batch of 4 as alone (up to batched arithmetic).
@@ -279,20 +302,23 @@ class Engine:
                 raise errors.JobCancelled()
             return callback_kwargs
 
-        if embeds is None:
-            text = dict(prompt=request.prompt, negative_prompt=request.negative_prompt)
-        else:
-            text = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1])
-        with torch.inference_mode():
-            result = pipe(
-                **text,
-                **mode_kwargs,
-                num_images_per_prompt=len(seeds),
-                num_inference_steps=request.steps,
-                guidance_scale=request.scale,
-                eta=request.ddim_eta,
-                generator=generators,
-                output_type="pil",
-                callback_on_step_end=on_step_end,
-            )
+        # The SDXL pipelines move the VAE to float32 for a float16 decode and back after it;
+        # an error in between (out of memory) must not leave it there for the next request.
+        vae_dtype = pipe.vae.dtype
+        try:
+            with torch.inference_mode():
+                result = pipe(
+                    **text,
+                    **mode_kwargs,
+                    num_images_per_prompt=len(seeds),
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.scale,
+                    eta=request.ddim_eta,
+                    generator=generators,
+                    output_type="pil",
+                    callback_on_step_end=on_step_end,
+                )
+        finally:
+            if pipe.vae.dtype != vae_dtype:
+                pipe.vae.to(dtype=vae_dtype)
         return result.images

@@ -1,10 +1,12 @@
-# -*- test-case-name: runai.test.test_cache -*-
+# -*- test-case-name: runai.test.test_cache,runai.test.test_engine_xl -*-
 """Loading Stable Diffusion pipelines, offline, and keeping the recent ones loaded.
 
 Worker thread only (imports torch and diffusers).
 
 * A diffusers folder loads with ``from_pretrained`` from local files only, once every
-  file in it is known to lie inside the model folder (:func:`runai.models.paths.check_tree`).
+  file in it is known to lie inside the model folder (:func:`runai.models.paths.check_tree`):
+  as an SDXL pipeline where its configs say SDXL, else as an SD 1.x/2.x one. SDXL refiners
+  are refused: they cannot generate alone.
 * A ``.safetensors`` or ``.ckpt`` file is described by the server's
   :class:`runai.models.library.ModelLibrary` and assembled by :mod:`runai.models.singlefile`.
 * :class:`ModelLoader` keeps the most recently used pipelines in an LRU cache bounded in
@@ -24,11 +26,12 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from twisted.logger import Logger
 
 from runai.core import errors
 from runai.models import checkpoint
+from runai.models.classify import REFINER, REFINER_REFUSAL, SDXL, classify_diffusers
 from runai.models.errors import MAX_CAUSE_CHARS, CheckpointError, LoadError
 from runai.models.paths import check_tree, contained
 from runai.models.singlefile import pipeline_from_single_file
@@ -79,12 +82,35 @@ def pipeline_bytes(pipe):
     return total
 
 
+def is_sdxl(pipe):
+    """Whether ``pipe`` is of the SDXL family (two text encoders, size conditioning)."""
+    return "text_encoder_2" in pipe.components
+
+
+def vae_decode_dtype(vae, dtype):
+    """The precision a pipeline of ``dtype`` decodes in with ``vae``.
+
+    SDXL's original VAE overflows in float16 (black or NaN images): its config says
+    ``force_upcast``, and the SDXL pipelines then decode in float32. The fp16-fixed VAE
+    (``madebyollin/sdxl-vae-fp16-fix``) says ``force_upcast: false`` and decodes in float16.
+    bfloat16 has float32's range: nothing to upcast.
+    """
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
+
+
+# SDXL's sub-folders of weights; SD 1.x/2.x have the first three.
+WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
+
+
 def _disk_signature(path):
     """Changes when the model on disk is replaced, so a stale cached copy is reloaded."""
     probes = [path]
     if os.path.isdir(path):
         probes = [os.path.join(path, "model_index.json")]
-        for sub in ("unet", "vae", "text_encoder"):
+        for sub in WEIGHT_FOLDERS:
             try:
                 probes += sorted(e.path for e in os.scandir(os.path.join(path, sub)))
             except OSError:
@@ -99,12 +125,27 @@ def _disk_signature(path):
     return tuple(signature)
 
 
+def _loaded_weight_files(folder):
+    """The weight files ``from_pretrained`` loads from one component folder: the plain
+    ``.safetensors`` (or its shards) where there are some, else the plain ``.bin``. Hub
+    copies also hold ``*.fp16.safetensors`` variants and ``.bin`` twins, loaded only on
+    request; counting them would count the model two or three times."""
+    files = sorted(p for p in Path(folder).glob("*") if p.suffix in WEIGHT_SUFFIXES)
+    # A variant is a second dot before the extension: diffusion_pytorch_model.fp16.safetensors.
+    plain = [p for p in files if "." not in p.stem]
+    for suffix in WEIGHT_SUFFIXES:
+        chosen = [p for p in plain if p.suffix == suffix]
+        if chosen:
+            return chosen
+    return files
+
+
 def estimate_bytes(path, dtype):
-    """What loading ``path`` will take, from file headers and sizes, before loading it."""
+    """What loading ``path`` will take, from file headers and sizes, before loading it:
+    every component's weights (both text encoders for SDXL) in ``dtype``."""
     files = [path]
     if os.path.isdir(path):
-        files = [str(p) for sub in ("unet", "vae", "text_encoder") for p in Path(path, sub).glob("*")
-                 if p.suffix in (".safetensors", ".bin", ".ckpt")]
+        files = [str(p) for sub in WEIGHT_FOLDERS for p in _loaded_weight_files(Path(path, sub))]
     total = 0
     size = torch.tensor([], dtype=dtype).element_size()
     for name in files:
@@ -187,6 +228,15 @@ class ModelLoader:
             raise errors.RunaiError(errors.MODEL_LOAD_FAILED, f"could not load model {name!r}: {cause}")
         pipe.set_progress_bar_config(disable=True)
         self._use_fast_attention(pipe)
+        if is_sdxl(pipe):
+            # No invisible watermark, however the pipeline was built: the user's images are
+            # theirs, and the same seed gives the same bytes with or without the package.
+            pipe.watermark = None
+            decode = vae_decode_dtype(pipe.vae, self.dtype)
+            why = ("SDXL's original VAE overflows in float16" if decode != self.dtype
+                   else "the fp16-fixed VAE" if self.dtype == torch.float16 else "no upcast needed")
+            log.info("{name}: the VAE decodes in {decode} ({why})", name=name,
+                     decode=str(decode).removeprefix("torch."), why=why)
         entry = Loaded(
             path=path, name=name, pipe=pipe,
             # Each request builds its scheduler from this pristine copy, so a request's
@@ -232,12 +282,19 @@ class ModelLoader:
         if self.model_dir is not None:
             path = self._inside(path)
             check_tree(self.model_dir, path)
-        pipe = StableDiffusionPipeline.from_pretrained(
+        inside = self.model_dir if self.model_dir is not None else Path(os.path.realpath(path))
+        c = classify_diffusers(path, inside)
+        if c.kind == REFINER:
+            raise LoadError(REFINER_REFUSAL)
+        if c.version == SDXL:
+            cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
+        else:
+            cls, options = StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_pretrained(
             path,
             local_files_only=True,
             **{DTYPE_KEYWORD: self.dtype},
-            safety_checker=None,
-            requires_safety_checker=False,
+            **options,
             # Without accelerate, diffusers warns and falls back to False anyway.
             low_cpu_mem_usage=diffusers.utils.is_accelerate_available(),
         )
@@ -252,6 +309,8 @@ class ModelLoader:
             raise LoadError("single-file models need the server's model folder (for their configs)")
         path = self._inside(path)
         entry = self.library.describe(path, name)
+        if entry.classification.kind == REFINER:
+            raise LoadError(REFINER_REFUSAL)
         return pipeline_from_single_file(path, self.model_dir, entry, self.device, self.dtype)
 
     def _use_fast_attention(self, pipe):

@@ -22,12 +22,25 @@ from runai.models.paths import contained, read_json
 log = Logger()
 
 V1, V2, SDXL, UNKNOWN = "v1", "v2", "sdxl", "unknown"
-SERVED_VERSIONS = (V1, V2)
+SERVED_VERSIONS = (V1, V2, SDXL)
 SERVED_PIPELINES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 )
+# The SDXL refiner: the second stage of SDXL, which only refines a base model's latents
+# (one text encoder, an aesthetic score in its size conditioning). Listed, never served.
+REFINER = "refiner"
+REFINER_REFUSAL = (
+    "it is an SDXL refiner, the second stage of SDXL: it refines another model's images and "
+    "cannot generate alone; use an SDXL base model (or one of its fine-tunes)"
+)
+# SDXL's added-embedding input: the pooled bigG text (1280) and 256 per size number; the
+# base has 6 size numbers (2816), the refiner 5 (2560, an aesthetic score for the target size).
+SDXL_REFINER_LABEL_WIDTH = 2560
 
 # Width of the text embedding the UNet attends to, for the real model sizes.
 CONTEXT_DIMS = {768: V1, 1024: V2, 2048: SDXL, 1280: SDXL}
@@ -42,7 +55,9 @@ MAX_SIDECAR_BYTES = 1024 * 1024
 class Classification:
     """What a model's content says it is."""
 
-    kind: str = UNKNOWN  # "pipeline" (a whole SD model), "vae", "lora", "embedding", "unknown"
+    # "pipeline" (a whole SD model), "refiner" (SDXL's second stage), "vae", "lora",
+    # "embedding", "unknown"
+    kind: str = UNKNOWN
     version: str = UNKNOWN
     inpainting: bool = False
     in_channels: object = None
@@ -115,10 +130,22 @@ def classify_state(shapes, metadata=None):
         # SD 1.x was released for epsilon only; the rare v-prediction fine-tune comes
         # with a side-car config, which overrides this.
         prediction = "epsilon"
+    kind = REFINER if version == SDXL and _is_refiner_state(shapes) else "pipeline"
     return Classification(
-        kind="pipeline", version=version, inpainting=in_channels == 9, in_channels=in_channels,
+        kind=kind, version=version, inpainting=in_channels == 9, in_channels=in_channels,
         prediction_type=prediction, notes=tuple(notes),
     )
+
+
+def _is_refiner_state(shapes):
+    """An SDXL refiner's state dict: its one text encoder (OpenCLIP bigG) is embedder 0 (the
+    base has CLIP-L there and bigG as embedder 1); a UNet alone tells by its label width."""
+    keys = list(shapes)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return (any(k.startswith("conditioner.embedders.0.model.") for k in keys)
+                and not any(k.startswith("conditioner.embedders.1.") for k in keys))
+    label = shapes.get(UNET + "label_emb.0.0.weight")
+    return label is not None and len(label) == 2 and label[1] == SDXL_REFINER_LABEL_WIDTH
 
 
 def _non_pipeline_kind(shapes):
@@ -162,10 +189,19 @@ def classify_diffusers(folder, model_dir):
     in_channels = _int(unet.get("in_channels", 4))
     prediction = scheduler.get("prediction_type")
     prediction = prediction if isinstance(prediction, str) and prediction else "epsilon"
+    kind = REFINER if version == SDXL and _is_refiner_folder(index) else "pipeline"
     return Classification(
-        kind="pipeline", version=version, inpainting=in_channels == 9, in_channels=in_channels,
+        kind=kind, version=version, inpainting=in_channels == 9, in_channels=in_channels,
         prediction_type=prediction, pipeline_class=pipeline_class,
     )
+
+
+def _is_refiner_folder(index):
+    """An SDXL refiner folder has no first text encoder (``[null, null]`` or none at all), or
+    says that its UNet is conditioned on an aesthetic score."""
+    first = index.get("text_encoder")
+    has_first = isinstance(first, list) and len(first) == 2 and all(isinstance(p, str) for p in first)
+    return not has_first or index.get("requires_aesthetics_score") is True
 
 
 def sidecar_path(path):

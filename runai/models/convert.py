@@ -5,8 +5,9 @@
   does (restricted unpickling, local configs only: :mod:`runai.models.singlefile`) and
   saves it as a diffusers folder. :func:`run_request` is the server's ``convert`` action.
 * :func:`diffusers_to_single_file` writes a diffusers folder as one ``.safetensors`` in
-  the original LDM key layout (:mod:`runai.models.ldm_layout`), which AUTOMATIC1111 and
-  diffusers' ``from_single_file`` both load.
+  the original key layout (LDM's for SD 1.x/2.x, :mod:`runai.models.ldm_layout`; sgm's for
+  SDXL, :mod:`runai.models.xl_layout`), which AUTOMATIC1111 and diffusers'
+  ``from_single_file`` both load.
 
 Both write to a hidden temporary name beside the destination and rename it into place
 when complete (:mod:`runai.models.atomic`), so that an interrupted conversion never leaves
@@ -21,10 +22,11 @@ from twisted.logger import Logger
 
 from runai.core import errors
 from runai.models.atomic import check_free, write_then_rename
-from runai.models.classify import SERVED_VERSIONS, V1, V2, classify_diffusers
+from runai.models import xl_layout
+from runai.models.classify import SDXL, V1, V2, classify_diffusers
 from runai.models.errors import MAX_CAUSE_CHARS, CheckpointError, ConvertError, LoadError
 from runai.models.ldm_layout import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
-from runai.models.paths import check_tree, contained
+from runai.models.paths import check_tree, contained, read_json
 from runai.models.singlefile import pipeline_from_single_file
 
 log = Logger()
@@ -50,7 +52,7 @@ def single_file_to_diffusers(src, dst, model_dir, entry, on_progress=None, is_ca
     ``model_dir``. ``on_progress(step, total)`` follows each stage; a true
     ``is_cancelled()`` stops at the next stage with JobCancelled.
     """
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     src, dst = Path(src), Path(dst)
     shown = shown or str(dst)
@@ -71,8 +73,9 @@ def single_file_to_diffusers(src, dst, model_dir, entry, on_progress=None, is_ca
     except LoadError as e:
         raise ConvertError(e.message)
     stage("save")
-    if entry.classification.inpainting:
-        # So that the folder says what it is, for runai's list and for other tools.
+    if entry.classification.inpainting and type(pipe) is StableDiffusionPipeline:
+        # So that the folder says what it is, for runai's list and for other tools (an
+        # SDXL inpainting model is already a StableDiffusionXLInpaintPipeline).
         pipe = StableDiffusionInpaintPipeline(**pipe.components, requires_safety_checker=False)
 
     def save(temporary):
@@ -119,10 +122,16 @@ def run_request(request, loader, on_progress, is_cancelled):
 
 # -- diffusers -> single file (LDM layout) ----------------------------------------------------
 
+def _has(index, component):
+    """Whether a diffusers folder's ``model_index.json`` has ``component`` (not [null, null])."""
+    value = (index or {}).get(component)
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
 def diffusers_to_ldm(folder, dtype=None, model_dir=None):
     """``(LDM state dict, metadata)`` for the diffusers folder ``folder``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
     model_dir = Path(model_dir) if model_dir is not None else folder
@@ -132,22 +141,31 @@ def diffusers_to_ldm(folder, dtype=None, model_dir=None):
         except LoadError as e:
             raise ConvertError(e.message)
     c = classify_diffusers(folder, model_dir)
-    if c.kind != "pipeline" or c.version not in SERVED_VERSIONS:
-        raise ConvertError(f"{folder.name} is not a Stable Diffusion 1.x/2.x diffusers folder ({c.version})")
+    # "refiner": however the library comes to call an SDXL refiner, it converts.
+    if c.kind not in ("pipeline", "refiner") or c.version not in (V1, V2, SDXL):
+        raise ConvertError(f"{folder.name} is not a Stable Diffusion 1.x/2.x/XL diffusers folder ({c.version})")
+    # A refiner has no first text encoder.
+    refiner = c.version == SDXL and not _has(read_json(model_dir, folder / "model_index.json"), "text_encoder")
     # Loaded as models, not read as files: diffusers renames the keys of older folders
     # (attention naming, .bin weights) on the way in.
     local = dict(local_files_only=True)
     try:
         unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", low_cpu_mem_usage=False, **local)
         vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", low_cpu_mem_usage=False, **local)
-        text_encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **local)
+        text_encoder = None if refiner else CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **local)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            str(folder), subfolder="text_encoder_2", **local) if c.version == SDXL else None
     except (OSError, ValueError, RuntimeError) as e:
         raise ConvertError(f"cannot read {folder.name}: {type(e).__name__}: {str(e)[:300]}")
-    state = {}
-    state.update(unet_to_ldm(unet.state_dict(), dict(unet.config)))
-    state.update(vae_to_ldm(vae.state_dict(), dict(vae.config)))
-    text = text_encoder.state_dict()
-    state.update(open_clip_to_ldm(text) if c.version == V2 else clip_to_ldm(text))
+    if c.version == SDXL:
+        state = xl_layout.to_sgm(unet.state_dict(), dict(unet.config), vae.state_dict(), dict(vae.config),
+                                 text_encoder and text_encoder.state_dict(), text_encoder_2.state_dict())
+    else:
+        state = {}
+        state.update(unet_to_ldm(unet.state_dict(), dict(unet.config)))
+        state.update(vae_to_ldm(vae.state_dict(), dict(vae.config)))
+        text = text_encoder.state_dict()
+        state.update(open_clip_to_ldm(text) if c.version == V2 else clip_to_ldm(text))
     out = {}
     for key, tensor in state.items():
         tensor = tensor.detach()
@@ -156,21 +174,26 @@ def diffusers_to_ldm(folder, dtype=None, model_dir=None):
         # Own storage for each: safetensors refuses tensors that share memory.
         out[key] = tensor.contiguous().clone()
     prediction = c.prediction_type or "epsilon"
+    if c.version == SDXL:
+        architecture = xl_layout.architecture(c.inpainting, refiner)
+    else:
+        architecture = {
+            V1: "stable-diffusion-v1",
+            V2: "stable-diffusion-v2-768-v" if prediction == "v_prediction" else "stable-diffusion-v2-512",
+        }[c.version] + ("/inpainting" if c.inpainting else "")
     metadata = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": {
-            V1: "stable-diffusion-v1",
-            V2: "stable-diffusion-v2-768-v" if prediction == "v_prediction" else "stable-diffusion-v2-512",
-        }[c.version] + ("/inpainting" if c.inpainting else ""),
+        "modelspec.architecture": architecture,
         "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
-        "modelspec.implementation": "https://github.com/Stability-AI/stablediffusion",
+        "modelspec.implementation": "https://github.com/Stability-AI/" + (
+            "generative-models" if c.version == SDXL else "stablediffusion"),
     }
     return out, metadata
 
 
 def diffusers_to_single_file(folder, dst, dtype=None, model_dir=None, shown=None):
-    """Write the diffusers folder ``folder`` as one LDM-layout ``.safetensors`` at ``dst``."""
+    """Write the diffusers folder ``folder`` as one original-layout ``.safetensors`` at ``dst``."""
     from safetensors.torch import save_file
 
     dst = Path(dst)

@@ -7,7 +7,9 @@ AUTOMATIC1111 and diffusers' ``from_single_file`` both load. diffusers ships thi
 direction only as a script outside its wheel, hard-wired to SD's sizes; the UNet mapping
 here is derived from the UNet's config, so it works for any size, and is checked against
 diffusers' own loader by the tests. Each function maps one component's state dict and
-raises ConvertError for a weight that has no place in the original layout.
+raises ConvertError for a weight that has no place in the original layout. SDXL's UNet
+is the same layout plus its size-conditioning embedding (``sdxl=True``); the rest of the
+SDXL layout is :mod:`runai.models.xl_layout`.
 """
 
 from runai.models.classify import UNET
@@ -28,17 +30,22 @@ def _rename_first(rest, table):
 def _int_per_level(value, levels, what):
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise ConvertError(f"a UNet with a different {what} per level is not a Stable Diffusion 1.x/2.x UNet")
+            raise ConvertError(f"a UNet with a different {what} per level is not a Stable Diffusion UNet")
         return value[0]
     return value
 
 
-def unet_prefixes(config):
-    """``{diffusers prefix: (LDM prefix, is_resnet)}`` for a UNet2DConditionModel config."""
+def unet_prefixes(config, sdxl=False):
+    """``{diffusers prefix: (LDM prefix, is_resnet)}`` for a UNet2DConditionModel config.
+
+    ``sdxl``: the UNet may have SDXL's added "text_time" embedding (``label_emb`` in the
+    original layout); without it, a UNet with any added embedding is refused.
+    """
     levels = len(config["block_out_channels"])
     per_level = _int_per_level(config.get("layers_per_block", 2), levels, "layers_per_block")
-    if config.get("addition_embed_type") or config.get("class_embed_type"):
-        raise ConvertError("SDXL-style UNets (added embeddings) are not converted")
+    added = config.get("addition_embed_type")
+    if config.get("class_embed_type") or (added and not (sdxl and added == "text_time")):
+        raise ConvertError("UNets with added embeddings other than SDXL's are not converted")
     down, up = config["down_block_types"], config["up_block_types"]
     table = {
         "time_embedding.linear_1.": ("time_embed.0.", False),
@@ -50,6 +57,9 @@ def unet_prefixes(config):
         "mid_block.attentions.0.": ("middle_block.1.", False),
         "mid_block.resnets.1.": ("middle_block.2.", True),
     }
+    if added:
+        table["add_embedding.linear_1."] = ("label_emb.0.0.", False)
+        table["add_embedding.linear_2."] = ("label_emb.0.2.", False)
     for i in range(levels):
         for j in range(per_level):
             n = 1 + i * (per_level + 1) + j
@@ -88,11 +98,11 @@ def _map(state, table, prefix, what, rename=None):
     return out
 
 
-def unet_to_ldm(state, config):
+def unet_to_ldm(state, config, sdxl=False):
     def rename(is_resnet, rest, tensor):
         return (_rename_first(rest, _RESNET) if is_resnet else rest), tensor
 
-    return _map(state, unet_prefixes(config), UNET, "UNet", rename)
+    return _map(state, unet_prefixes(config, sdxl), UNET, "UNet", rename)
 
 
 def vae_to_ldm(state, config):
@@ -135,12 +145,11 @@ def clip_to_ldm(state):
     return {"cond_stage_model.transformer.text_model." + k: v for k, v in _text_keys(state).items()}
 
 
-def open_clip_to_ldm(state):
-    """SD 2.x: OpenCLIP names, with q/k/v fused into ``in_proj``."""
+def open_clip_to_ldm(state, prefix="cond_stage_model.model."):
+    """SD 2.x (and SDXL's second encoder): OpenCLIP names, with q/k/v fused into ``in_proj``."""
     import torch
 
     state = _text_keys(state)
-    prefix = "cond_stage_model.model."
     out = {}
     fixed = {
         "embeddings.token_embedding.weight": "token_embedding.weight",

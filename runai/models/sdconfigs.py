@@ -1,5 +1,5 @@
 # -*- test-case-name: runai.test.test_singlefile -*-
-"""The diffusers component configs of Stable Diffusion 1.5 and 2.1, shipped with runai.
+"""The diffusers component configs of Stable Diffusion 1.5, 2.1 and XL 1.0, shipped with runai.
 
 A single-file checkpoint holds weights but no architecture. diffusers fetches the
 architecture from the Hub; runai never does. It takes it from a diffusers copy of the
@@ -7,7 +7,24 @@ base model in the model folder when there is one, and from these otherwise. They
 the public configs of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1
 (-base), as data, with nothing that could be fetched. The tokenizer's vocabulary is not
 here (1.5 MB of data files): it comes from the model folder.
+
+SDXL 1.0 base's are files, as its diffusers folder has them, in
+``runai/models/configs/stable-diffusion-xl-base-1.0/`` (package data): :func:`sdxl_base`.
+An SDXL inpainting model is the same with a 9-channel UNet, which the loader sets from
+the weights.
 """
+
+import json
+from importlib import resources
+
+SDXL_BASE_NAME = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_FILES = {
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
 
 _SCHEDULER = {
     "beta_start": 0.00085,
@@ -131,3 +148,10 @@ SHIPPED = {
     ("v2", False): ("stabilityai/stable-diffusion-2-1-base", SD21_BASE),
     ("v2", True): ("stabilityai/stable-diffusion-2-1", SD21),
 }
+
+
+def sdxl_base():
+    """``{component: config}`` of SDXL 1.0 base, read from the files runai ships."""
+    folder = resources.files("runai.models").joinpath("configs", "stable-diffusion-xl-base-1.0")
+    return {name: json.loads(folder.joinpath(*rel.split("/")).read_text(encoding="utf-8"))
+            for name, rel in SDXL_FILES.items()}

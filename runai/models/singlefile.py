@@ -10,32 +10,30 @@ model folder, or from the configs runai ships (:mod:`runai.models.sdconfigs`) wi
 tokenizer from the model folder: never from the Hub (:func:`find_base_configs`).
 diffusers' ``from_single_file`` is not called with a path at all, so it can never take a
 name for a Hub repository, nor unpickle a ``.ckpt`` its own way.
+
+SD 1.x/2.x are built here; SDXL in :mod:`runai.models.singlefile_xl`, the same way.
 """
 
 from runai.models import offline  # before diffusers and transformers
 
-import collections
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
 from twisted.logger import Logger
 
 from runai.models import checkpoint
 from runai.models import sdconfigs
-from runai.models.classify import SERVED_VERSIONS, UNET, V1, V2
+from runai.models import singlefile_xl
+from runai.models.assemble import (
+    clip_tokenizer, fill, first_tokenizer, majority_dtype, scheduler_from, text_encoder as build_text_encoder)
+from runai.models.classify import SDXL, V1, V2
 from runai.models.errors import CheckpointError, LoadError
-from runai.models.paths import check_tree, contained, read_json
-
-try:
-    from transformers.initialization import no_init_weights
-except ImportError:  # transformers 4.x
-    from transformers.modeling_utils import no_init_weights
+from runai.models.paths import read_json
 
 del offline  # imported for what importing it does
 
@@ -50,12 +48,13 @@ V2_INPAINT_BASES = ["stabilityai/stable-diffusion-2-inpainting"]
 # CLIP's BPE vocabulary is the same for SD 1.x and 2.x: any of these tokenizers will do.
 TOKENIZER_FOLDERS = ["openai/clip-vit-large-patch14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
 CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
-# What a CLIP tokenizer folder holds: the BPE files (what openai/clip-vit-large-patch14
-# ships), or one tokenizer.json (what current transformers and `runai convert` write).
-TOKENIZER_FILE_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+# What runai builds from one file (which of them it serves is the library's word).
+LOADABLE_VERSIONS = (V1, V2, SDXL)
 
 
 def base_candidates(version, inpainting, v_prediction):
+    if version == SDXL:
+        return singlefile_xl.base_candidates(inpainting)
     if version == V1:
         return (V1_INPAINT_BASES if inpainting else []) + V1_BASES
     first, then = (V2_V_BASES, V2_EPS_BASES) if v_prediction else (V2_EPS_BASES, V2_V_BASES)
@@ -73,31 +72,14 @@ class BaseConfigs:
     tokenizer_source: str
 
 
-def _tokenizer_at(model_dir, folder):
-    resolved = contained(model_dir, folder)
-    if resolved is None or not resolved.is_dir():
-        return None
-
-    def present(name):
-        found = contained(model_dir, resolved / name)
-        return found is not None and found.is_file()
-
-    if not any(all(present(name) for name in names) for names in TOKENIZER_FILE_SETS):
-        return None
-    try:
-        # from_pretrained reads whatever else is there (tokenizer_config.json, ...): all
-        # of it must be inside the model folder too.
-        check_tree(model_dir, resolved, limit=1000)
-    except LoadError:
-        return None
-    return resolved
-
-
 def find_base_configs(model_dir, version, inpainting=False, prediction_type=None):
     """The architecture and tokenizer for a single file of ``version``, from local files.
 
-    Raises LoadError naming the files to put where when no tokenizer is to be found.
+    Raises LoadError naming the files to put where when no tokenizer is to be found. For
+    SDXL, :func:`runai.models.singlefile_xl.find_xl_base_configs`'s answer.
     """
+    if version == SDXL:
+        return singlefile_xl.find_xl_base_configs(model_dir, inpainting)
     model_dir = Path(os.path.realpath(model_dir))
     v_prediction = prediction_type == "v_prediction"
     chosen = None
@@ -111,14 +93,9 @@ def find_base_configs(model_dir, version, inpainting=False, prediction_type=None
         chosen = (f"runai's built-in configs of {rel}", shipped["unet"], shipped["vae"],
                   shipped["text_encoder"], shipped["scheduler"], None)
     source, unet, vae, text_encoder, scheduler, folder = chosen
-    tokenizer = tokenizer_source = None
     searched = ([folder / "tokenizer"] if folder is not None else []) + [model_dir / t for t in TOKENIZER_FOLDERS]
     searched += [model_dir / b / "tokenizer" for b in V1_BASES + V2_EPS_BASES + V2_V_BASES]
-    for candidate in searched:
-        tokenizer = _tokenizer_at(model_dir, candidate)
-        if tokenizer is not None:
-            tokenizer_source = tokenizer.relative_to(model_dir).as_posix()
-            break
+    tokenizer, tokenizer_source = first_tokenizer(model_dir, searched)
     if tokenizer is None:
         base = base_candidates(version, inpainting, v_prediction)[0]
         raise LoadError(
@@ -130,45 +107,6 @@ def find_base_configs(model_dir, version, inpainting=False, prediction_type=None
             f"{base}/, inside the model folder"
         )
     return BaseConfigs(source, dict(unet), dict(vae), dict(text_encoder), dict(scheduler), tokenizer, tokenizer_source)
-
-
-def _fill(model, converted, what, source, device, dtype, assign):
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in converted or converted[k] is None]
-    if missing:
-        raise LoadError(
-            f"the checkpoint lacks {len(missing)} of the {len(expected)} {what} weights "
-            f"(e.g. {', '.join(sorted(missing)[:3])}): it is not a whole Stable Diffusion model, "
-            f"or not one that fits {source}"
-        )
-    tensors = {}
-    for key, want in expected.items():
-        have = converted[key]
-        if tuple(have.shape) != tuple(want.shape):
-            raise LoadError(
-                f"{what} weight {key} has shape {list(have.shape)} where {source} "
-                f"want {list(want.shape)}"
-            )
-        # A copy, always: model weights must never alias the file's memory map (a file
-        # rewritten in place would pull the pages out from under a running model).
-        tensors[key] = have.to(device=device, dtype=dtype or have.dtype, copy=True)
-    model.load_state_dict(tensors, strict=True, assign=assign)
-    return model
-
-
-def _majority_dtype(state):
-    counts = collections.Counter()
-    for key, tensor in state.items():
-        if key.startswith(UNET) and tensor.is_floating_point():
-            counts[tensor.dtype] += tensor.numel()
-    return counts.most_common(1)[0][0] if counts else torch.float32
-
-
-def _scheduler_from(config):
-    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        cls = PNDMScheduler
-    return cls.from_config(config)
 
 
 def looks_v_prediction(unet):
@@ -184,7 +122,7 @@ def looks_v_prediction(unet):
 
 
 def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, on_step=None):
-    """A StableDiffusionPipeline from a ``.safetensors``/``.ckpt`` file; raises LoadError.
+    """A StableDiffusion(XL)Pipeline from a ``.safetensors``/``.ckpt`` file; raises LoadError.
 
     ``entry`` is the file's :class:`runai.models.library.ModelEntry`; ``dtype`` None keeps the
     checkpoint's own precision (for conversion). ``on_step(what)`` follows each stage.
@@ -193,10 +131,12 @@ def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, 
     c = entry.classification
     if entry.error:
         raise LoadError(entry.error)
+    if c.version == SDXL and c.kind in ("pipeline", "refiner"):
+        return singlefile_xl.pipeline_from_xl_file(path, model_dir, entry, device, dtype, step)
     if c.kind != "pipeline":
         raise LoadError(f"it is not a Stable Diffusion model (it looks like a {c.kind} file)")
-    if c.version not in SERVED_VERSIONS:
-        raise LoadError(f"it is a {c.version} model; runai serves Stable Diffusion 1.x and 2.x")
+    if c.version not in LOADABLE_VERSIONS:
+        raise LoadError(f"it is a {c.version} model; runai serves Stable Diffusion 1.x, 2.x and XL")
     base = find_base_configs(model_dir, c.version, c.inpainting, c.prediction_type)
     step("read")
     try:
@@ -204,7 +144,7 @@ def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, 
     except CheckpointError as e:
         raise LoadError(e.message)
     if dtype is None:
-        dtype = _majority_dtype(state)
+        dtype = majority_dtype(state)
 
     unet_config = dict(base.unet)
     if c.in_channels and c.in_channels != unet_config.get("in_channels"):
@@ -216,42 +156,32 @@ def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
     converted = single_file_utils.convert_ldm_unet_checkpoint(state, unet_config)
-    unet = _fill(unet, converted, "UNet", base.source, device, dtype, assign=True)
+    unet = fill(unet, converted, "UNet", base.source, device, dtype, assign=True)
     del converted
 
     step("vae")
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(base.vae)
     converted = single_file_utils.convert_ldm_vae_checkpoint(state, base.vae)
-    vae = _fill(vae, converted, "VAE", base.source, device, dtype, assign=True)
+    vae = fill(vae, converted, "VAE", base.source, device, dtype, assign=True)
     del converted
 
     step("text_encoder")
-    te_config = CLIPTextConfig(**{k: v for k, v in base.text_encoder.items() if k != "architectures"})
-    # Built without random initialisation (every weight is overwritten), and not on the
-    # meta device: CLIP's position ids are a buffer that no checkpoint holds.
-    with no_init_weights():
-        text_encoder = CLIPTextModel(te_config)
     if single_file_utils.is_open_clip_model(state):
-        converted = single_file_utils.convert_open_clip_checkpoint(
-            text_encoder, state, prefix="cond_stage_model.model.")
+        def convert(model):
+            return single_file_utils.convert_open_clip_checkpoint(model, state, prefix="cond_stage_model.model.")
     elif single_file_utils.is_clip_model(state):
-        converted = single_file_utils.convert_ldm_clip_checkpoint(state)
+        def convert(model):
+            return single_file_utils.convert_ldm_clip_checkpoint(state)
     else:
         raise LoadError("the checkpoint has no text encoder (no cond_stage_model weights)")
-    if not hasattr(text_encoder, "text_model"):
-        # transformers >= 5.6 flattened CLIPTextModel; the converters still emit the prefix.
-        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    text_encoder = _fill(text_encoder, converted, "text encoder", base.source, "cpu", dtype, assign=False)
-    text_encoder = text_encoder.to(device=device, dtype=dtype)
-    del converted, state
+    text_encoder = build_text_encoder(CLIPTextModel, base.text_encoder, convert, "text encoder", base.source,
+                                      device, dtype)
+    del convert
+    state = None  # the file's tensors: no longer needed
 
     step("tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(str(base.tokenizer), local_files_only=True)
-    if tokenizer.model_max_length > te_config.max_position_embeddings:
-        # Without a tokenizer_config.json, transformers takes 1e30 tokens for the limit,
-        # and every prompt fails to encode (OverflowError); CLIP's is its positions, 77.
-        tokenizer.model_max_length = te_config.max_position_embeddings
+    tokenizer = clip_tokenizer(base.tokenizer, text_encoder.config.max_position_embeddings)
     v2_bases = V2_EPS_BASES + V2_V_BASES + V2_INPAINT_BASES
     if c.version == V2 and not any(base.tokenizer_source.startswith(b + "/") for b in v2_bases):
         # SD 2's own tokenizer pads with "!", not with the end token as CLIP's does; a
@@ -265,7 +195,7 @@ def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, 
         log.info("{name}: no config says how it predicts; its UNet looks like {p}", name=entry.name, p=prediction)
     if prediction is not None:
         scheduler_config["prediction_type"] = prediction
-    scheduler = _scheduler_from(scheduler_config)
+    scheduler = scheduler_from(scheduler_config)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -309,7 +309,7 @@ def model_folder():
     v1/sub/deep/nested.safetensors       found at any depth
     v2/tiny.safetensors                  tiny v2, epsilon
     v2/vpred.safetensors + vpred.yaml    tiny v2; the side-car says v-prediction
-    sdxl/base.safetensors                header-only SDXL: listed, not served
+    sdxl/base.safetensors                header-only SDXL: listed, served (cannot load)
     v1/outside.safetensors               a link to a file outside: skipped
     ====================================  =====================================
     """
@@ -369,7 +369,7 @@ EXPECTED = {
     "v1/sub/deep/nested.safetensors": ("v1", "safetensors", False, "epsilon", True),
     "v2/tiny.safetensors": ("v2", "safetensors", False, "epsilon", True),
     "v2/vpred.safetensors": ("v2", "safetensors", False, "v_prediction", True),
-    "sdxl/base.safetensors": ("sdxl", "safetensors", False, None, False),
+    "sdxl/base.safetensors": ("sdxl", "safetensors", False, None, True),
 }
 
 

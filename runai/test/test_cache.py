@@ -103,6 +103,15 @@ class RefusalTests(LoaderTestCase):
         self.assertLoadFails(engine, "sdxl/base.safetensors", "sdxl")
         self.assertLoadFails(engine, "v1/vae.safetensors", "not a Stable Diffusion model")
 
+    def test_an_sdxl_refiner_file_is_refused_before_it_is_read(self):
+        # Header only: the refusal comes from what the file is, not from a failed load.
+        models = Path(self.mktemp()).absolute()
+        refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
+                   for k, v in fx.SDXL_BASE.items() if not k.startswith("conditioner.embedders.0.")}
+        fx.write_header_only(models / "sdxl" / "refiner.safetensors", refiner)
+        self.assertLoadFails(self.engine(models), "sdxl/refiner.safetensors", "refiner", "second stage",
+                             models=models)
+
     def test_truncated_checkpoint(self):
         models = Path(self.mktemp()).absolute()
         shutil.copytree(self.models / "runwayml", models / "runwayml")
@@ -224,3 +233,51 @@ class CacheTests(LoaderTestCase):
         self.assertLoadFails(engine, "sdxl/base.safetensors", "sdxl")
         self.assertIsNone(engine.pipe)
         self.assertEqual(engine.loader.loaded_paths, (str(self.models / self.names[0]),))
+
+
+# Parameters of SDXL 1.0 base's components (stabilityai/stable-diffusion-xl-base-1.0).
+SDXL_PARAMETERS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                   "vae": 83_653_863}
+GiB = 2**30
+
+
+class SdxlSizeTests(LoaderTestCase):
+    def test_the_estimate_counts_both_text_encoders(self):
+        from runai.test.test_engine_xl import xl_models
+
+        path = str(xl_models() / "sdxl" / "base")
+        engine = Engine(device="cpu", dtype="float32")
+        loaded = cache.pipeline_bytes(engine.load(path))
+        second_encoder = sum(p.numel() * p.element_size() for p in engine.pipe.text_encoder_2.parameters())
+        # The same up to buffers that are not weights (the encoders' position ids).
+        self.assertLess(abs(cache.estimate_bytes(path, torch.float32) - loaded), second_encoder / 100)
+
+    def test_a_real_sized_sdxl_folder(self):
+        # Header-only files as big on paper as SDXL 1.0's, with the hub's float16 variants
+        # and .bin twins beside them, which from_pretrained does not load.
+        folder = Path(self.mktemp()).absolute() / "sdxl-base"
+        for sub, count in SDXL_PARAMETERS.items():
+            name = "model" if sub.startswith("text_encoder") else "diffusion_pytorch_model"
+            fx.write_header_only(folder / sub / f"{name}.safetensors", {"w": (count,)}, dtype="F32")
+            fx.write_header_only(folder / sub / f"{name}.fp16.safetensors", {"w": (count,)}, dtype="F16")
+            fx.write_header_only(folder / sub / f"{name}.bin", {"w": (count,)}, dtype="F32")
+        estimate = cache.estimate_bytes(str(folder), torch.float16)
+        self.assertEqual(estimate, 2 * sum(SDXL_PARAMETERS.values()))
+        self.assertAlmostEqual(estimate / 1e9, 6.94, places=2)
+        # --cache-size 8GiB keeps one SDXL model in float16, never two.
+        self.assertLess(estimate, 8 * GiB)
+        self.assertGreater(2 * estimate, 8 * GiB)
+
+    def test_a_byte_bound_keeps_one_sdxl_model(self):
+        from runai.test.test_engine_xl import xl_models
+
+        names = ("sdxl/base", "sdxl/fp16fix")
+        one = cache.estimate_bytes(str(xl_models() / names[0]), torch.float32)
+        engine = Engine(device="cpu", dtype="float32", cache_models=8, cache_bytes=int(one * 1.5))
+        for name in names:
+            engine.load(str(xl_models() / name), name)
+            self.assertEqual(engine.loader.loaded_paths, (str(xl_models() / name),))
+        engine = Engine(device="cpu", dtype="float32", cache_models=8, cache_bytes=int(one * 2.5))
+        for name in names:
+            engine.load(str(xl_models() / name), name)
+        self.assertEqual(len(engine.loader.loaded_paths), 2)

@@ -198,3 +198,34 @@ class LightningCheckpointTests(SynchronousTestCase):
         inert.__setstate__({"__class__": "evil", "dirpath": "/"})
         self.assertEqual(vars(inert), {})
         self.assertIsInstance(checkpoint.numpy_scalar(np.dtype("f8"), b"x" * 8), checkpoint.NumpyScalar)
+
+
+class SDXLCheckpointTests(SynchronousTestCase):
+    """An SDXL .ckpt (the weights under "state_dict", as torch.save writes them, or as
+    pytorch_lightning does) goes through the same two ways in: the static walk for its
+    shapes, the weights-only unpickler for its tensors."""
+
+    def setUp(self):
+        from runai.test import xl_fixtures
+
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.state = xl_fixtures.xl_state("base")
+        self.paths = [xl_fixtures.write_ckpt(self.dir / "xl.ckpt", self.state),
+                      write_lightning_ckpt(self.dir / "xl-lightning.ckpt", self.state)]
+
+    def test_static_walk_and_weights_only_load(self):
+        from runai.models.classify import classify_state
+
+        for path in self.paths:
+            shapes = checkpoint.ckpt_tensor_shapes(path)
+            self.assertEqual(shapes, {k: tuple(v.shape) for k, v in self.state.items()}, path.name)
+            self.assertEqual(classify_state(shapes).version, "sdxl")
+            loaded = checkpoint.load_state_dict(path)
+            self.assertEqual(set(loaded), set(self.state))
+            self.assertEqual([k for k, v in self.state.items() if not torch.equal(loaded[k], v)], [])
+
+    def test_half_precision(self):
+        half = {k: v.half() for k, v in self.state.items()}
+        path = write_lightning_ckpt(self.dir / "half.ckpt", half)
+        self.assertEqual({v.dtype for v in checkpoint.load_state_dict(path).values()}, {torch.float16})

@@ -58,6 +58,28 @@ class RealLayoutTests(SynchronousTestCase):
         c = self.classify(fx.SDXL_BASE)
         self.assertEqual((c.kind, c.version), ("pipeline", "sdxl"))
 
+    def test_sdxl_refiner(self):
+        # The refiner's one text encoder, OpenCLIP bigG, is embedder 0; its label width is 2560.
+        refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
+                   for k, v in fx.SDXL_BASE.items() if not k.startswith("conditioner.embedders.0.")}
+        refiner["model.diffusion_model.label_emb.0.0.weight"] = (1536, 2560)
+        c = self.classify(refiner)
+        self.assertEqual((c.kind, c.version), ("refiner", "sdxl"))
+        entry = library.ModelLibrary(self.dir).describe(self.dir / "x.safetensors")
+        self.assertFalse(entry.served)
+        self.assertEqual(replies.model(entry)["kind"], "refiner")
+        # A UNet alone, by its label width.
+        unet_only = {k: v for k, v in refiner.items() if k.startswith("model.")}
+        self.assertEqual(self.classify(unet_only, "u.safetensors").kind, "refiner")
+        base_unet = {k: v for k, v in fx.SDXL_BASE.items() if k.startswith("model.")}
+        self.assertEqual(self.classify(base_unet, "b.safetensors").kind, "pipeline")
+
+    def test_sdxl_inpainting(self):
+        shapes = dict(fx.SDXL_BASE)
+        shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
+        c = self.classify(shapes)
+        self.assertEqual((c.kind, c.version, c.inpainting, c.in_channels), ("pipeline", "sdxl", True, 9))
+
     def test_sdxl_without_label_emb(self):
         c = self.classify({k: v for k, v in fx.SDXL_BASE.items() if "label_emb" not in k})
         self.assertEqual(c.version, "sdxl")
@@ -130,6 +152,22 @@ class DiffusersClassificationTests(SynchronousTestCase):
                              ("stabilityai/stable-diffusion-2-1-base", "v2")):
             c = classify.classify_diffusers(models / rel, models)
             self.assertEqual((c.kind, c.version, c.inpainting), ("pipeline", version, False), rel)
+
+    def test_sdxl_folders(self):
+        from runai.test.test_engine_xl import xl_models
+
+        models = xl_models()
+        expected = {
+            "sdxl/base": ("pipeline", False, "StableDiffusionXLPipeline", True),
+            "sdxl/inpaint": ("pipeline", True, "StableDiffusionXLInpaintPipeline", True),
+            "sdxl/refiner": ("refiner", False, "StableDiffusionXLImg2ImgPipeline", False),
+        }
+        for rel, (kind, inpainting, pipeline_class, served) in expected.items():
+            c = classify.classify_diffusers(models / rel, models)
+            self.assertEqual((c.kind, c.version, c.inpainting, c.pipeline_class),
+                             (kind, "sdxl", inpainting, pipeline_class), rel)
+            entry = library.ModelLibrary(models).describe(models / rel)
+            self.assertEqual(entry.served, served, rel)
 
     def test_inpainting_and_v_prediction(self):
         inpaint = fx.tiny_source("v1-inpaint")

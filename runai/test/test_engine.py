@@ -319,6 +319,16 @@ class LoadingTests(EngineTestCase):
         (path / "model_index.json").write_text(json.dumps(index))
         self.assertLoadFails(path)
 
+    def test_a_tokenizer_json_alone_is_a_tokenizer(self):
+        # What current transformers writes: no vocab.json and merges.txt beside it.
+        path = Path(self.mktemp()).absolute()
+        shutil.copytree(tiny_model(), path)
+        self.assertTrue((path / "tokenizer" / "tokenizer.json").is_file())
+        for name in ("vocab.json", "merges.txt"):
+            (path / "tokenizer" / name).unlink()
+        alone = generate(self.engine, request(model_path=str(path), model_name="json")).images[0].png
+        self.assertEqual(alone, generate(self.engine, request()).images[0].png)
+
     def test_failed_load_unloads_previous_and_recovers(self):
         generate(self.engine, request())
         self.assertLoadFails(Path(self.mktemp()).absolute() / "nowhere", "nowhere")

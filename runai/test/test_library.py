@@ -208,7 +208,8 @@ class ModelsActionTests(SynchronousTestCase):
         by_name = {m["name"]: m for m in reply["models"]}
         self.assertEqual(sorted(by_name), sorted(fx.EXPECTED))
         self.assertEqual(by_name["v1/inpaint.safetensors"]["inpainting"], True)
-        self.assertEqual(by_name["sdxl/base.safetensors"]["served"], False)
+        self.assertEqual(by_name["sdxl/base.safetensors"]["served"], True)
+        self.assertEqual(by_name["v1/vae.safetensors"]["served"], False)
         for entry in reply["models"]:
             self.assertFalse(os.path.isabs(entry["name"]))
             self.assertEqual(
@@ -265,3 +266,18 @@ class CacheSizeOptionTests(SynchronousTestCase):
         self.assertEqual(worker.engine_options, dict(cache_models=32, cache_bytes=4 * 2**30))
         with self.assertRaises(tap.OptionError):
             tap.Options().parseOptions(["--cache-size", "none"])
+
+
+class SdxlListingTests(SynchronousTestCase):
+    def test_sdxl_folders(self):
+        from runai.doors.legacy import replies
+        from runai.test.test_engine_xl import xl_models
+
+        listing = {e.name: replies.model(e) for e in library.ModelLibrary(xl_models()).scan()}
+        self.assertEqual({n: (m["version"], m["kind"], m["inpainting"], m["served"]) for n, m in listing.items()}, {
+            "sdxl/base": ("sdxl", "pipeline", False, True),
+            "sdxl/fp16fix": ("sdxl", "pipeline", False, True),
+            "sdxl/inpaint": ("sdxl", "pipeline", True, True),
+            "sdxl/refiner": ("sdxl", "refiner", False, False),
+            "sdxl/tokenizer-json": ("sdxl", "pipeline", False, True),
+        })

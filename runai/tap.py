@@ -134,6 +134,12 @@ class Options(usage.Options):
         ["missing-safety-checker", None, "unchecked",
          "When a client asks for the NSFW filter and CompVis/stable-diffusion-safety-checker is not in "
          "the model folder: 'refuse' the request, or generate 'unchecked' and say so in each reply."],
+        # A front server: runai.broker.options says the same for twistd runai-worker.
+        ["broker", None, None, "Run no jobs here: put them on this Redis (redis://HOST:PORT/DB, rediss:// for "
+                               "TLS) for twistd runai-worker processes (see the README, Scale out)."],
+        ["broker-password-file", None, None, "A file holding the Redis password (else the RUNAI_BROKER_PASSWORD "
+                                             "environment variable; never on the command line)."],
+        ["broker-ca-file", None, None, "The CA certificate(s) the rediss:// server's certificate must chain to."],
     ]
 
     def __init__(self):
@@ -189,6 +195,9 @@ class Options(usage.Options):
         if self["db"] is not None or self["db-key-file"] is not None:
             from runai.history.key import check_options  # only with --db: without it no store code runs
             check_options(self)
+        if self["broker"] is not None or self["broker-password-file"] or self["broker-ca-file"]:
+            from runai.broker.options import check  # only with --broker: without it no broker code runs
+            check(self)
         if self["listen"] is None:
             host = endpoints.quoteStringArgument(self["host"])
             self["endpoint"] = f"tcp:port={self['port']}:interface={host}"
@@ -348,11 +357,16 @@ def makeService(config, reactor=None, pool=None):
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", existing_temporary_folder())
     # One library: the models action lists it, the worker loads from it.
     library = ModelLibrary(config["model-dir"])
-    workers = local_workers(config, reactor, library)
-    for worker in workers:
-        worker.setServiceParent(top)
-    queue = JobQueue(workers)
-    queue.setServiceParent(top)
+    if config.get("broker") is not None:
+        from runai.broker.wiring import front_backend  # a front server: the workers are elsewhere
+
+        workers, queue = [], front_backend(config, reactor, top)
+    else:
+        workers = local_workers(config, reactor, library)
+        for worker in workers:
+            worker.setServiceParent(top)
+        queue = JobQueue(workers)
+        queue.setServiceParent(top)
     core = Core(queue, library, reactor, pool=pool, recorder=recorder,
                 refuse_unchecked=config["missing-safety-checker"] == "refuse", log_prompts=config["log-prompts"])
     factory = RunaiFactory(

@@ -27,7 +27,9 @@ REFUSALS = frozenset((
 def ping(args):
     with connect(args, timeout=30) as client:
         pong = client.ping()
-    print(f"runai {pong.get('version')}: {pong.get('queued')} queued, {'busy' if pong.get('busy') else 'idle'}")
+    workers = pong.get("workers")
+    line = f"runai {pong.get('version')}: {pong.get('queued')} queued, {'busy' if pong.get('busy') else 'idle'}"
+    print(line if workers is None else f"{line}, {workers} worker{'s' if workers != 1 else ''}")
     return 0
 
 

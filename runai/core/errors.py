@@ -29,6 +29,7 @@ SAFETY_CHECKER_MISSING = "safety_checker_missing"
 UNAUTHORIZED = "unauthorized"  # --token-file is set and the request's token is wrong
 IDLE_TIMEOUT = "idle_timeout"  # half a message, then silence
 NO_STORE = "no_store"  # a history action, and the server runs without --db
+BROKER_UNAVAILABLE = "broker_unavailable"  # a front server (--broker) cannot reach Redis
 INTERNAL = "internal"
 
 

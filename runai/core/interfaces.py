@@ -51,6 +51,8 @@ class IBackend(Interface):
 
     queued = Attribute("How many jobs wait.")
     busy = Attribute("True while a job runs.")
+    workers_alive = Attribute("How many workers can take jobs now (local threads, or remote workers "
+                              "seen lately).")
 
     def submit(job):
         """Take ``job``; raises RunaiError (``queue_full``, ``shutting_down``) if it cannot."""

@@ -47,6 +47,10 @@ class JobQueue(service.Service):
         return bool(self._running)
 
     @property
+    def workers_alive(self):
+        return len(self.workers)
+
+    @property
     def running_jobs(self):
         """The running jobs, in the order of their workers."""
         return [job for job in (self._running.get(w) for w in self.workers) if job is not None]

@@ -143,6 +143,10 @@ class Core:
         """``(queued, busy)`` of the back end."""
         return self.backend.queued, self.backend.busy
 
+    def workers_alive(self):
+        """How many workers can take jobs: this server's, or the broker's workers seen lately."""
+        return self.backend.workers_alive
+
     # Models ----------------------------------------------------------------------------
 
     def list_models(self):

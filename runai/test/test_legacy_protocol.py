@@ -20,7 +20,7 @@ class FramingTests(ServerTestCase):
         [pong] = self.replies(transport)
         self.assertEqual(pong["action"], "pong")
         self.assertEqual(pong["id"], 7)
-        self.assertEqual((pong["queued"], pong["busy"]), (0, False))
+        self.assertEqual((pong["queued"], pong["busy"], pong["workers"]), (0, False, 1))
         self.assertIn("version", pong)
 
     def test_replies_are_whole_packets(self):

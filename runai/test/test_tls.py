@@ -300,7 +300,7 @@ class LiveTLSTests(TestCase):
             return code, out.getvalue(), err.getvalue()
         code, out, err = yield self.blocking(run, "--tls", "--ca-file", self.cert, "--host", "localhost")
         self.assertEqual((code, err), (0, ""))
-        self.assertRegex(out, r"^runai \S+: 0 queued, idle\n$")
+        self.assertRegex(out, r"^runai \S+: 0 queued, idle, 1 worker\n$")
         code, out, err = yield self.blocking(run, "--ca-file", self.other_ca)
         self.assertEqual((code, out), (1, ""))
         self.assertRegex(err, rf"^runai: the certificate of 127\.0\.0\.1:{self.port} did not verify against "
@@ -339,7 +339,7 @@ class TwistdTests(SynchronousTestCase):
             capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(cli.returncode, 0, cli.stderr)
-        self.assertRegex(cli.stdout, r"^runai \S+: \d+ queued, (idle|busy)\n$")
+        self.assertRegex(cli.stdout, r"^runai \S+: \d+ queued, (idle|busy), 1 worker\n$")
         server.terminate()
         server.wait(timeout=60)
         server.stdout.close()

@@ -209,3 +209,15 @@ class TwoCpuWorkersEndToEnd(LiveServer, TestCase):
         self.assertFalse(any(m.get("action") == "queued" and m.get("position") for m in beside), beside)
         self.assertEqual(cancelled[-1]["error"]["code"], errors.CANCELLED)
         self.assertLess(len([m for m in cancelled if m.get("action") == 4]), 150)
+
+    @inlineCallbacks
+    def test_ping_counts_the_workers(self):
+        def ping():
+            client = LegacyClient(self.port.getHost().port)
+            try:
+                client.send({"action": "ping"})
+                return client.receive()
+            finally:
+                client.close()
+        pong = yield self.in_thread(ping)
+        self.assertEqual((pong["action"], pong["workers"], pong["queued"]), ("pong", 2, 0))

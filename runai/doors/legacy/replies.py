@@ -24,8 +24,9 @@ def of_request(request, message):
     return message
 
 
-def pong(request_id, queued, busy):
-    return {"action": "pong", "version": runai.__version__, "id": request_id, "queued": queued, "busy": busy}
+def pong(request_id, queued, busy, workers):
+    return {"action": "pong", "version": runai.__version__, "id": request_id, "queued": queued, "busy": busy,
+            "workers": workers}
 
 
 def queued(position):

@@ -86,7 +86,7 @@ class Session:
             return
         if isinstance(request, Ping):
             queued, busy = self.core.status()
-            self.send(replies.pong(request.id, queued, busy))
+            self.send(replies.pong(request.id, queued, busy, self.core.workers_alive()))
         elif isinstance(request, Cancel):
             self.cancel(request.id)
         elif isinstance(request, (GenerationRequest, ConvertRequest)):

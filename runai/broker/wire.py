@@ -1,0 +1,203 @@
+# -*- test-case-name: runai.test.test_broker_wire -*-
+"""What travels through Redis: the keys, a job's request as stream fields, and a job's
+events (start, progress, image, done, failed) back to its front.
+
+A request travels as the fields a worker needs and nothing of the front's machine: the
+model's name relative to the model folder (never the front's absolute path: each worker
+resolves it in its own ``--model-dir``), the client's images as the checked bytes the
+front holds (PNG, JPEG, ... with their format and size), scalars as one JSON object.
+Every entry carries :data:`VERSION`; a reader refuses another.
+"""
+
+import json
+from pathlib import Path
+from dataclasses import dataclass, fields as dataclass_fields
+from typing import Optional
+
+from runai.core import errors
+from runai.core.images import EncodedImage
+from runai.core.requests import GenerationRequest
+from runai.models.paths import resolve_model, safety_checker_path
+
+VERSION = 1
+PREFIX = "runai:"
+GROUP = "runai-workers"
+
+# The request's scalar fields, as they travel (model_path and images travel otherwise).
+_SCALARS = tuple(f.name for f in dataclass_fields(GenerationRequest)
+                 if f.name not in ("model_path", "pixels", "mask", "safety_checker", "id"))
+
+
+class Keys:
+    """The Redis keys of one deployment (``prefix`` apart, fronts and workers agree)."""
+
+    def __init__(self, prefix=PREFIX):
+        self.prefix = prefix
+        self.jobs = prefix + "jobs"  # the stream of jobs, read by the workers' group
+        self.queue = prefix + "queue"  # sorted set of job keys waiting or running: positions
+        self.workers = prefix + "workers"  # set of worker names (each with a key that expires)
+        self.cancels = prefix + "cancels"  # pub/sub channel: the keys of jobs cancelled
+
+    def reply(self, front):
+        return f"{self.prefix}reply:{front}"
+
+    def front(self, front):
+        return f"{self.prefix}front:{front}"
+
+    def cancel(self, job_key):
+        return f"{self.prefix}cancel:{job_key}"
+
+    def worker(self, name):
+        return f"{self.prefix}worker:{name}"
+
+
+class WireError(errors.RunaiError):
+    def __init__(self, message):
+        super().__init__(errors.INTERNAL, message)
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _fields(entry):
+    """Stream fields with text names (redis-py hands bytes)."""
+    return {_text(k): v for k, v in entry.items()}
+
+
+def _check_version(fields):
+    version = _text(fields.get("v", b"?"))
+    if version != str(VERSION):
+        raise WireError(f"broker wire version {version} is not {VERSION}: run the same runai on fronts and workers")
+
+
+def _image_fields(name, image):
+    if image is None:
+        return {}
+    meta = {"format": image.format, "width": image.width, "height": image.height, "mode": image.mode}
+    return {name: image.data, name + "_meta": json.dumps(meta)}
+
+
+def _image(fields, name):
+    if name not in fields:
+        return None
+    meta = json.loads(fields[name + "_meta"])
+    return EncodedImage(data=bytes(fields[name]), format=meta["format"], width=int(meta["width"]),
+                        height=int(meta["height"]), mode=meta["mode"])
+
+
+# Requests --------------------------------------------------------------------------------
+
+def encode_job(request, key, front):
+    """The stream fields of ``request`` (a GenerationRequest), job ``key``, replies to
+    ``front``."""
+    scalars = {name: getattr(request, name) for name in _SCALARS}
+    fields = {"v": VERSION, "key": key, "front": front, "request": json.dumps(scalars)}
+    fields.update(_image_fields("pixels", request.pixels))
+    fields.update(_image_fields("mask", request.mask))
+    return fields
+
+
+@dataclass(frozen=True)
+class WireJob:
+    key: str
+    front: str
+    fields: dict  # the raw fields, decoded into a request by :meth:`request`
+
+    def request(self, model_dir):
+        """The GenerationRequest, its model resolved in ``model_dir`` (this worker's own):
+        raises RunaiError (``model_not_found``, ``path_outside_model_dir``)."""
+        _check_version(self.fields)
+        try:
+            scalars = json.loads(self.fields["request"])
+            values = {name: scalars[name] for name in _SCALARS}
+        except (KeyError, ValueError, TypeError) as e:
+            raise WireError(f"a job with a malformed request: {e!r}") from None
+        model_dir = Path(model_dir)
+        model_path, model_name = resolve_model(model_dir, values.pop("model_name"))
+        safety = safety_checker_path(model_dir) if values["nsfw_filter"] else None
+        return GenerationRequest(model_path=str(model_path), model_name=model_name, safety_checker=safety,
+                                 pixels=_image(self.fields, "pixels"), mask=_image(self.fields, "mask"), id=self.key,
+                                 **values)
+
+
+def decode_job(entry):
+    """A :class:`WireJob` from stream fields; raises WireError."""
+    fields = _fields(entry)
+    try:
+        return WireJob(key=_text(fields["key"]), front=_text(fields["front"]), fields=fields)
+    except KeyError as e:
+        raise WireError(f"a job without {e}") from None
+
+
+# Events ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WireImage:
+    """An image as a worker sent it: what :meth:`IJobListener.job_image` takes."""
+
+    png: bytes
+    seed: int
+    width: int
+    height: int
+    index: int
+    nsfw_checked: Optional[bool] = None
+    withheld: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    key: str
+    attempt: str
+    type: str  # start, progress, image, done, failed
+    data: dict  # start: worker, deliveries; progress: step, total; done: result, seconds;
+    #             failed: code, message
+    image: Optional[WireImage] = None
+
+
+def _event(key, attempt, kind, data, **extra):
+    fields = {"v": VERSION, "key": key, "attempt": attempt, "type": kind, "data": json.dumps(data)}
+    fields.update(extra)
+    return fields
+
+
+def start_event(key, attempt, worker, deliveries):
+    return _event(key, attempt, "start", {"worker": worker, "deliveries": deliveries})
+
+
+def progress_event(key, attempt, step, total):
+    return _event(key, attempt, "progress", {"step": step, "total": total})
+
+
+def image_event(key, attempt, image):
+    meta = {"seed": image.seed, "width": image.width, "height": image.height, "index": image.index,
+            "nsfw_checked": getattr(image, "nsfw_checked", None), "withheld": bool(getattr(image, "withheld", False))}
+    return _event(key, attempt, "image", meta, png=bytes(image.png))
+
+
+def done_event(key, attempt, result, seconds):
+    return _event(key, attempt, "done", {"result": result, "seconds": seconds})
+
+
+def failed_event(key, attempt, error):
+    return _event(key, attempt, "failed", {"code": error.code, "message": error.message})
+
+
+def decode_event(entry):
+    """An :class:`Event` from stream fields; raises WireError."""
+    fields = _fields(entry)
+    _check_version(fields)
+    try:
+        kind = _text(fields["type"])
+        data = json.loads(fields["data"])
+        image = None
+        if kind == "image":
+            image = WireImage(png=bytes(fields["png"]), **data)
+        return Event(key=_text(fields["key"]), attempt=_text(fields["attempt"]), type=kind, data=data, image=image)
+    except (KeyError, ValueError, TypeError) as e:
+        raise WireError(f"a malformed event: {e!r}") from None
+
+
+def event_error(event):
+    """The RunaiError of a ``failed`` event."""
+    return errors.RunaiError(str(event.data.get("code", errors.INTERNAL)), str(event.data.get("message", "")))

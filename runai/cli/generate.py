@@ -162,9 +162,9 @@ def add_commands(commands, common):
     gen.add_argument("--scale", type=float, default=None, help="guidance scale, 0 to 50 (server default 7.5)")
     gen.add_argument("--seed", type=int, default=None, help="0 to 2^32-1; image k has seed + k (default: random)")
     gen.add_argument("--width", type=int, default=None,
-                     help="64 to 2048, a multiple of 8 (default 512; with --init-image, its width)")
+                     help="64 to 2048, a multiple of 8 (default 512, 1024 for SDXL; with --init-image, its width)")
     gen.add_argument("--height", type=int, default=None,
-                     help="64 to 2048, a multiple of 8 (default 512; with --init-image, its height)")
+                     help="64 to 2048, a multiple of 8 (default 512, 1024 for SDXL; with --init-image, its height)")
     gen.add_argument("--n-samples", type=int, default=None, help="images per batch, 1 to 8 (default 1)")
     gen.add_argument("--n-iter", type=int, default=None, help="batches, 1 to 16 (default 1)")
     gen.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, metavar="NAME",

@@ -10,7 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from io import BytesIO
 
+import webuiapi
+from PIL import Image
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai.client import BlockingClient
@@ -188,3 +191,18 @@ class BrokerEndToEndTests(SynchronousTestCase):
         wait_for_line(self, log_path, r"(?s)failed: cancelled.*failed: cancelled", timeout=30)
         answer = run_job(port, tiny_request("next", seed=5))
         self.assertEqual(answer[-1].get("action"), "done", answer[-1])
+
+    def test_the_http_door_of_a_front(self):
+        _, port, log_path = self.front("--http", "tcp:0:interface=127.0.0.1")
+        http_port = int(wait_for_line(self, log_path, r"runai HTTP API listening on 127\.0\.0\.1:(\d+)").group(1))
+        start_worker(self, self.redis.url, "--device", "cpu")
+        client = webuiapi.WebUIApi(host="127.0.0.1", port=http_port)
+        result = client.txt2img(prompt="a lighthouse", seed=11, steps=1, width=64, height=64, batch_size=2,
+                                cfg_scale=7.5, sampler_name="Euler a",
+                                override_settings={"sd_model_checkpoint": "v1/tiny"})
+        self.assertEqual([image.size for image in result.images], [(64, 64), (64, 64)])
+        self.assertEqual((result.info["seed"], result.info["all_seeds"]), (11, [11, 12]))
+        # The same pictures as the socket door of the same front.
+        socket_images = images(run_job(port, tiny_request("a lighthouse", seed=11, n_samples=2)))
+        self.assertEqual([image.tobytes() for image in result.images],
+                         [Image.open(BytesIO(png)).convert("RGB").tobytes() for _, _, png in socket_images])

@@ -10,10 +10,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import webuiapi
 from PIL import Image
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from runai.doors.http.api import Api
+from runai.doors.http.site import make_site
 from runai.engine.engine import Engine
 from runai.models import library, sdconfigs, singlefile, singlefile_xl
 from runai.models.errors import LoadError
@@ -21,6 +25,7 @@ from runai.test import xl_fixtures as xfx
 from runai.test.library_fixtures import assertSameWeights
 from runai.test.test_cache import generate, request
 from runai.test.test_e2e import LiveServer, legacy_request, png_of
+from runai.test.test_http import HttpTestCase, pixels
 
 XL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 BASE = sdconfigs.SDXL_BASE_NAME
@@ -313,3 +318,36 @@ class SocketTests(LiveServer, TestCase):
         self.assertEqual(Image.open(io.BytesIO(pngs[0])).size, (64, 64))
         self.assertEqual(len(set(pngs[:4])), 1, "not deterministic, or the formats differ")
         self.assertNotEqual(pngs[4], pngs[0])
+
+
+class HttpTests(HttpTestCase):
+    """The SDXL folder, its single-file export and the .ckpt, through the AUTOMATIC1111 HTTP
+    door with the real webuiapi client: the same pixels from all three."""
+
+    def setUp(self):
+        self.models = str(xfx.xl_model_folder())
+        self.start_server(self.models)
+        self.api = Api(self.core, reactor, pool=reactor.getThreadPool(), token=self.token)
+        self.site = make_site(self.api, max_body=8 * 1024 * 1024)
+        self.http = self.listen(self.site)
+
+    @inlineCallbacks
+    def test_the_three_formats_paint_the_same_over_http(self):
+        def run(model, seed):
+            # Created here, off the reactor thread: webuiapi blocks.
+            client = webuiapi.WebUIApi(host="127.0.0.1", port=self.http.getHost().port)
+            result = client.txt2img(prompt="a lighthouse", seed=seed, steps=2, width=64, height=64,
+                                    sampler_name="Euler a", override_settings={"sd_model_checkpoint": model})
+            [image] = result.images
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return result.info["sd_model_name"], image.size, pixels(buffer.getvalue())
+
+        answers = []
+        for model in FORMATS:
+            answers.append((yield self.in_thread(run, model, 31)))
+        other = yield self.in_thread(run, FORMATS[1], 32)
+        self.assertEqual([name for name, _, _ in answers], list(FORMATS))
+        self.assertEqual({size for _, size, _ in answers}, {(64, 64)})
+        self.assertEqual(len({p for _, _, p in answers}), 1, "the formats paint differently")
+        self.assertNotEqual(other[2], answers[0][2])

@@ -91,7 +91,43 @@ def _number(kind, option):
     return convert
 
 
-class Options(usage.Options):
+class WorkerOptions(usage.Options):
+    """What every command that runs workers takes (``twistd runai``, ``twistd runai-worker``):
+    ``--device`` (several times: one worker per device), ``--dtype``, ``--cache-size``; a bad
+    option ends the start with one line (:class:`OptionError`)."""
+
+    def __init__(self):
+        super().__init__()
+        self["devices"] = []
+
+    def opt_device(self, device):
+        "auto, cpu, cuda or cuda:N (default auto); several times for one worker per device, one queue."
+        self["devices"].append(device)
+
+    def parseOptions(self, options=None):
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise OptionError(str(e).removeprefix("Parameter type enforcement failed: ")) from None
+
+    def check_workers(self):
+        """Check ``--device``, ``--dtype`` and ``--cache-size``; a UsageError naming the option."""
+        self["devices"] = self["devices"] or ["auto"]
+        for device in self["devices"]:
+            if not DEVICE_RE.match(device):
+                raise usage.UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+        if len(self["devices"]) > MAX_WORKERS:
+            raise usage.UsageError(f"--device: at most {MAX_WORKERS} workers")
+        self["device"] = self["devices"][0]
+        if self["dtype"] not in DTYPES:
+            raise usage.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self['dtype']!r}")
+        try:
+            self["cache-models"], self["cache-bytes"] = parse_cache_size(self["cache-size"])
+        except ValueError as e:
+            raise usage.UsageError(f"--cache-size: {e}")
+
+
+class Options(WorkerOptions):
     synopsis = "[options]"
     longdesc = (
         "Serve Stable Diffusion models from a model folder over the legacy runai socket "
@@ -142,20 +178,6 @@ class Options(usage.Options):
         ["broker-ca-file", None, None, "The CA certificate(s) the rediss:// server's certificate must chain to."],
     ]
 
-    def __init__(self):
-        super().__init__()
-        self["devices"] = []
-
-    def opt_device(self, device):
-        "auto, cpu, cuda or cuda:N (default auto); several times for one worker per device, one queue."
-        self["devices"].append(device)
-
-    def parseOptions(self, options=None):
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as e:
-            raise OptionError(str(e).removeprefix("Parameter type enforcement failed: ")) from None
-
     def postOptions(self):
         if not 0 <= self["port"] <= 65535:
             raise usage.UsageError(f"--port must be between 0 and 65535, not {self['port']}")
@@ -166,21 +188,9 @@ class Options(usage.Options):
         for name in ("timeout", "idle-timeout", "shutdown-timeout"):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
-        self["devices"] = self["devices"] or ["auto"]
-        for device in self["devices"]:
-            if not DEVICE_RE.match(device):
-                raise usage.UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-        if len(self["devices"]) > MAX_WORKERS:
-            raise usage.UsageError(f"--device: at most {MAX_WORKERS} workers")
-        self["device"] = self["devices"][0]
+        self.check_workers()
         if self["missing-safety-checker"] not in ("refuse", "unchecked"):
             raise usage.UsageError("--missing-safety-checker must be 'refuse' or 'unchecked'")
-        if self["dtype"] not in DTYPES:
-            raise usage.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self['dtype']!r}")
-        try:
-            self["cache-models"], self["cache-bytes"] = parse_cache_size(self["cache-size"])
-        except ValueError as e:
-            raise usage.UsageError(f"--cache-size: {e}")
         self["model-dir"] = os.path.realpath(os.path.expanduser(self["model-dir"]))
         self["token"] = None
         if self["token-file"] is not None:

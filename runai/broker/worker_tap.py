@@ -19,13 +19,12 @@ from runai.broker.cancels import CancelListener
 from runai.broker.client import RedisConnection, make_redis
 from runai.broker.consumer import Consumer
 from runai.models.library import ModelLibrary
-from runai.tap import (DEVICE_RE, DTYPES, MAX_WORKERS, OptionError, _number, existing_temporary_folder,
-                       local_workers, parse_cache_size)
+from runai.tap import WorkerOptions, _number, existing_temporary_folder, local_workers
 
 log = Logger(namespace="runai.worker")
 
 
-class Options(usage.Options):
+class Options(WorkerOptions):
     synopsis = "--broker URL [options]"
     longdesc = ("Run Stable Diffusion jobs that front servers (twistd runai --broker URL) put on a Redis "
                 "stream, one worker per --device. Listens on nothing.")
@@ -45,34 +44,9 @@ class Options(usage.Options):
         ["name", None, None, "This process's name among the workers (default: host-pid); each device adds -N."],
     ]
 
-    def __init__(self):
-        super().__init__()
-        self["devices"] = []
-
-    def opt_device(self, device):
-        """auto, cpu, cuda or cuda:N (default auto); several times for one worker per device."""
-        self["devices"].append(device)
-
-    def parseOptions(self, options=None):
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as e:
-            raise OptionError(str(e).removeprefix("Parameter type enforcement failed: ")) from None
-
     def postOptions(self):
         broker_options.check(self, required=True)
-        self["devices"] = self["devices"] or ["auto"]
-        for device in self["devices"]:
-            if not DEVICE_RE.match(device):
-                raise usage.UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-        if len(self["devices"]) > MAX_WORKERS:
-            raise usage.UsageError(f"--device: at most {MAX_WORKERS} workers")
-        if self["dtype"] not in DTYPES:
-            raise usage.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self['dtype']!r}")
-        try:
-            self["cache-models"], self["cache-bytes"] = parse_cache_size(self["cache-size"])
-        except ValueError as e:
-            raise usage.UsageError(f"--cache-size: {e}")
+        self.check_workers()
         if not self["claim-timeout"] >= 0.3:
             raise usage.UsageError("--claim-timeout must be at least 0.3 seconds")
         if not 1 <= self["max-deliveries"] <= 100:

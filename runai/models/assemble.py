@@ -12,7 +12,8 @@ import collections
 
 import diffusers
 import torch
-from diffusers import PNDMScheduler
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers.loaders import single_file_utils
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from runai.models.classify import UNET
@@ -112,6 +113,24 @@ def text_encoder(cls, config, convert, what, source, device, dtype):
         converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
     model = fill(model, converted, what, source, "cpu", dtype, assign=False)
     return model.to(device=device, dtype=dtype)
+
+
+def unet_and_vae(state, unet_config, vae_config, source, device, dtype, step):
+    """The UNet and the VAE of a single file's ``state``, built from their configs on the
+    meta device (no memory for random weights) and filled with the converted weights."""
+    step("unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    converted = single_file_utils.convert_ldm_unet_checkpoint(state, unet_config)
+    unet = fill(unet, converted, "UNet", source, device, dtype, assign=True)
+    del converted
+
+    step("vae")
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config)
+    converted = single_file_utils.convert_ldm_vae_checkpoint(state, vae_config)
+    vae = fill(vae, converted, "VAE", source, device, dtype, assign=True)
+    return unet, vae
 
 
 def majority_dtype(state):

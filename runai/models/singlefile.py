@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from diffusers.loaders import single_file_utils
 from transformers import CLIPTextModel
 from twisted.logger import Logger
@@ -30,7 +30,7 @@ from runai.models import checkpoint
 from runai.models import sdconfigs
 from runai.models import singlefile_xl
 from runai.models.assemble import (
-    clip_tokenizer, fill, first_tokenizer, majority_dtype, scheduler_from, text_encoder as build_text_encoder)
+    clip_tokenizer, first_tokenizer, majority_dtype, scheduler_from, text_encoder as build_text_encoder, unet_and_vae)
 from runai.models.classify import SDXL, V1, V2
 from runai.models.errors import CheckpointError, LoadError
 from runai.models.paths import read_json
@@ -152,19 +152,7 @@ def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, 
     if c.version == V2 and c.prediction_type != "epsilon":
         # SD 2.1's v-model needs attention in float32 to avoid NaNs in float16.
         unet_config["upcast_attention"] = True
-    step("unet")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-    converted = single_file_utils.convert_ldm_unet_checkpoint(state, unet_config)
-    unet = fill(unet, converted, "UNet", base.source, device, dtype, assign=True)
-    del converted
-
-    step("vae")
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(base.vae)
-    converted = single_file_utils.convert_ldm_vae_checkpoint(state, base.vae)
-    vae = fill(vae, converted, "VAE", base.source, device, dtype, assign=True)
-    del converted
+    unet, vae = unet_and_vae(state, unet_config, base.vae, base.source, device, dtype, step)
 
     step("text_encoder")
     if single_file_utils.is_open_clip_model(state):

@@ -19,9 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from diffusers import (AutoencoderKL, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 from diffusers.loaders import single_file_utils
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from twisted.logger import Logger
@@ -29,7 +27,7 @@ from twisted.logger import Logger
 from runai.models import checkpoint
 from runai.models import sdconfigs
 from runai.models.assemble import (
-    clip_tokenizer, fill, first_tokenizer, majority_dtype, scheduler_from, text_encoder as build_text_encoder)
+    clip_tokenizer, first_tokenizer, majority_dtype, scheduler_from, text_encoder as build_text_encoder, unet_and_vae)
 from runai.models.classify import REFINER, REFINER_REFUSAL
 from runai.models.errors import CheckpointError, LoadError
 from runai.models.paths import read_json
@@ -133,19 +131,7 @@ def pipeline_from_xl_file(path, model_dir, entry, device, dtype, step):
     unet_config = dict(base.unet)
     if c.in_channels and c.in_channels != unet_config.get("in_channels"):
         unet_config["in_channels"] = c.in_channels
-    step("unet")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-    converted = single_file_utils.convert_ldm_unet_checkpoint(state, unet_config)
-    unet = fill(unet, converted, "UNet", base.source, device, dtype, assign=True)
-    del converted
-
-    step("vae")
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(base.vae)
-    converted = single_file_utils.convert_ldm_vae_checkpoint(state, base.vae)
-    vae = fill(vae, converted, "VAE", base.source, device, dtype, assign=True)
-    del converted
+    unet, vae = unet_and_vae(state, unet_config, base.vae, base.source, device, dtype, step)
 
     step("text_encoder")
     text_encoder = build_text_encoder(

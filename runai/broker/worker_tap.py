@@ -19,7 +19,8 @@ from runai.broker.cancels import CancelListener
 from runai.broker.client import RedisConnection, make_redis
 from runai.broker.consumer import Consumer
 from runai.models.library import ModelLibrary
-from runai.tap import WorkerOptions, _number, existing_temporary_folder, local_workers
+from runai.options import WorkerOptions, _number
+from runai.tap import existing_temporary_folder, local_workers
 
 log = Logger(namespace="runai.worker")
 

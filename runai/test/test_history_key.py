@@ -5,6 +5,7 @@ import os
 
 
 from runai import tap
+from runai.options import OptionError
 from runai.history import key
 from runai.history.database import StoreError
 from runai.test.store_fixtures import StoreTestCase
@@ -70,10 +71,10 @@ class KeyTests(StoreTestCase):
             (["--db", os.path.join(self.folder, "no", "such.db")], {"RUNAI_DB_KEY": "k"}, "does not exist"),
             (["--db", self.path, "--db-key-file", key_file + "-missing"], {}, "cannot read"),
         ):
-            with self.assertRaises(tap.OptionError) as e:
+            with self.assertRaises(OptionError) as e:
                 self.parse(*args, env=env)
             self.assertIn(words, str(e.exception))
 
     def test_no_key_option_on_the_command_line(self):
-        self.assertRaises(tap.OptionError, self.parse, "--db", self.path, "--db-key", "k",
+        self.assertRaises(OptionError, self.parse, "--db", self.path, "--db-key", "k",
                           env={"RUNAI_DB_KEY": "k"})

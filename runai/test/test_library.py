@@ -243,7 +243,7 @@ class ModelsActionTests(SynchronousTestCase):
 
 class CacheSizeOptionTests(SynchronousTestCase):
     def test_counts_and_sizes(self):
-        from runai.tap import parse_cache_size
+        from runai.options import parse_cache_size
 
         self.assertEqual(parse_cache_size("2"), (2, None))
         self.assertEqual(parse_cache_size("8GiB"), (32, 8 * 2**30))
@@ -255,6 +255,7 @@ class CacheSizeOptionTests(SynchronousTestCase):
 
     def test_option_reaches_the_engine(self):
         from runai import tap
+        from runai.options import OptionError
 
         config = tap.Options()
         config.parseOptions(["--cache-size", "4GiB", "--model-dir", self.mktemp()])
@@ -264,7 +265,7 @@ class CacheSizeOptionTests(SynchronousTestCase):
         library = worker.engine_options.pop("library")
         self.assertEqual(str(library.model_dir), config["model-dir"])
         self.assertEqual(worker.engine_options, dict(cache_models=32, cache_bytes=4 * 2**30))
-        with self.assertRaises(tap.OptionError):
+        with self.assertRaises(OptionError):
             tap.Options().parseOptions(["--cache-size", "none"])
 
 

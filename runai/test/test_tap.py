@@ -7,6 +7,7 @@ from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai import tap
+from runai.options import OptionError
 
 
 class PluginTests(SynchronousTestCase):
@@ -42,7 +43,7 @@ class OptionsTests(SynchronousTestCase):
             ["--max-message-size", "10"], ["--timeout", "0"], ["--idle-timeout", "-1"],
             ["--device", "tpu"], ["--device", "cuda:x"], ["--dtype", "int8"], ["--bogus"],
         ):
-            self.assertRaises(tap.OptionError, self.parse, *args)
+            self.assertRaises(OptionError, self.parse, *args)
 
     def test_token_file(self):
         path = self.mktemp()
@@ -52,8 +53,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(self.parse()["token"])
         with open(path, "w") as f:
             f.write("short")
-        self.assertRaises(tap.OptionError, self.parse, "--token-file", path)
-        self.assertRaises(tap.OptionError, self.parse, "--token-file", path + "-missing")
+        self.assertRaises(OptionError, self.parse, "--token-file", path)
+        self.assertRaises(OptionError, self.parse, "--token-file", path + "-missing")
 
     def test_make_service(self):
         from twisted.internet.testing import MemoryReactorClock
@@ -161,7 +162,7 @@ class HttpOptionTests(SynchronousTestCase):
         self.assertEqual(len(with_http), 4)
         site = with_http[3].factory
         self.assertIs(site.resource.children[b"sdapi"].children[b"v1"].core, with_http[2].factory.core)
-        self.assertRaises(tap.OptionError, tap.Options().parseOptions, ["--http", "nonsense:1"])
+        self.assertRaises(OptionError, tap.Options().parseOptions, ["--http", "nonsense:1"])
 
 
 class OneLineErrorTests(SynchronousTestCase):

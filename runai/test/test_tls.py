@@ -15,6 +15,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai import tap, tls
+from runai.options import OptionError, checked_endpoint
 from runai.backends.local import LocalWorker
 from runai.cli import main
 from runai.client import BlockingClient, RunaiClientProtocol, ServerError, connect_client
@@ -48,7 +49,7 @@ class StartupCheckTests(SynchronousTestCase):
         return options["endpoint"]
 
     def refused(self, description, *words):
-        with self.assertRaises(tap.OptionError) as caught:
+        with self.assertRaises(OptionError) as caught:
             self.listen(description)
         message = caught.exception.message
         self.assertTrue(message.startswith("--listen: "), message)
@@ -112,9 +113,9 @@ class StartupCheckTests(SynchronousTestCase):
         self.refused("tcp:notaport", "cannot listen on")
 
     def test_the_http_door_can_check_its_own(self):
-        self.assertEqual(tap.checked_endpoint("http", "tcp:7860"), "tcp:7860")
+        self.assertEqual(checked_endpoint("http", "tcp:7860"), "tcp:7860")
         with self.assertRaises(usage.UsageError) as caught:
-            tap.checked_endpoint("http", ssl_endpoint(self.key, self.other_cert))
+            checked_endpoint("http", ssl_endpoint(self.key, self.other_cert))
         self.assertTrue(str(caught.exception).startswith("--http: the private key"))
 
 

@@ -9,6 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai import tap
+from runai.options import OptionError
 from runai.backends.local import LocalWorker
 from runai.core import errors
 from runai.core.jobs import NullListener
@@ -34,7 +35,7 @@ class DeviceOptionTests(SynchronousTestCase):
 
     def test_every_device_is_checked(self):
         for args in (["--device", "cpu", "--device", "tpu"], ["--device", "cuda:x", "--device", "cpu"]):
-            with self.assertRaises(tap.OptionError) as caught:
+            with self.assertRaises(OptionError) as caught:
                 self.parse(*args)
             self.assertIn("--device", caught.exception.message)
 

@@ -79,7 +79,7 @@ def load_key(key_file=None, environ=None):
 
 
 def check_options(options, environ=None):
-    """``--db`` and ``--db-key-file`` for :class:`runai.tap.Options`: resolves the path,
+    """``--db`` and ``--db-key-file`` for :class:`runai.options.Options`: resolves the path,
     loads the key into ``options["db-key"]``; raises UsageError. Opens no database."""
     if options["db"] is None:
         if options["db-key-file"] is not None:

@@ -32,6 +32,23 @@ V2_WIDTH = 64  # the tiny v2 model's text width, where SD 2 has 1024 (v1's tiny 
 _state = {}
 
 
+def forbid_hub(testcase, pipeline_class):
+    """Make every Hub download, and ``pipeline_class.from_single_file`` (which would reach
+    for one), fail for the rest of ``testcase``; returns the list of calls tried."""
+    import huggingface_hub
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("a network or Hub call")
+
+    for name in ("hf_hub_download", "snapshot_download"):
+        testcase.patch(huggingface_hub, name, refuse)
+    testcase.patch(pipeline_class, "from_single_file", classmethod(refuse))
+    return calls
+
+
 def _root():
     if "root" not in _state:
         root = Path(os.path.realpath(tempfile.mkdtemp(prefix="runai-library-")))

@@ -129,19 +129,26 @@ class CancelTests(BrokerTestCase):
         self.assertEqual(len(self.recorder.of("b", "failed")), 1)
 
     @defer.inlineCallbacks
-    def test_cancel_of_a_running_job_stops_it_within_a_step(self):
-        engine = SlowEngine(step_seconds=0.05)
-        front = self.setup.front()
-        self.setup.consumer(engine, "w1")
-        yield self.ready(front)
+    def cancel_mid_job(self, front):
+        """Run job "a" (100 steps of 50 ms) on ``front``, cancel it after 2 steps; once it
+        failed as cancelled, the number of steps it went on for."""
         a = self.submit(front, "a", steps=100)
         yield wait_until(lambda: len(self.recorder.of("a", "progress")) >= 2)
         at_cancel = len(self.recorder.of("a", "progress"))
         front.cancel(a)
         yield wait_until(lambda: self.recorder.ended("a"))
         self.assertEqual(self.recorder.of("a")[-1], ("a", "failed", errors.CANCELLED))
+        return len(self.recorder.of("a", "progress")) - at_cancel
+
+    @defer.inlineCallbacks
+    def test_cancel_of_a_running_job_stops_it_within_a_step(self):
+        engine = SlowEngine(step_seconds=0.05)
+        front = self.setup.front()
+        self.setup.consumer(engine, "w1")
+        yield self.ready(front)
+        steps_after = yield self.cancel_mid_job(front)
         # Poll every 20 ms, steps of 50 ms: a step or two at most, never the 100.
-        self.assertLessEqual(len(self.recorder.of("a", "progress")) - at_cancel, 3)
+        self.assertLessEqual(steps_after, 3)
 
     @defer.inlineCallbacks
     def test_a_pushed_cancel_stops_the_running_job_at_its_next_step(self):
@@ -152,13 +159,8 @@ class CancelTests(BrokerTestCase):
         yield self.ready(front)
         client = self.redis.client()
         yield wait_until(lambda: client.pubsub_numsub(self.setup.keys.cancels)[0][1] == 1)
-        a = self.submit(front, "a", steps=100)
-        yield wait_until(lambda: len(self.recorder.of("a", "progress")) >= 2)
-        at_cancel = len(self.recorder.of("a", "progress"))
-        front.cancel(a)
-        yield wait_until(lambda: self.recorder.ended("a"))
-        self.assertEqual(self.recorder.of("a")[-1], ("a", "failed", errors.CANCELLED))
-        self.assertLessEqual(len(self.recorder.of("a", "progress")) - at_cancel, 2)
+        steps_after = yield self.cancel_mid_job(front)
+        self.assertLessEqual(steps_after, 2)
 
     @defer.inlineCallbacks
     def test_a_disconnect_drops_queued_jobs_and_cancels_the_running_one(self):

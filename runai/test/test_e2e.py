@@ -122,6 +122,20 @@ class LiveServer:
     def in_thread(self, f, *args):
         return threads.deferToThread(f, *args)
 
+    def cancel_mid_job(self, request):
+        """Send ``request``, and a cancel packet once its first reply arrives; every reply
+        until its end."""
+        def run():
+            client = LegacyClient(self.port.getHost().port)
+            try:
+                client.send(request)
+                first = client.receive()
+                client.send_raw(b"c" * P)
+                return [first] + client.until_final()
+            finally:
+                client.close()
+        return self.in_thread(run)
+
     def talk(self, *requests):
         """Send each request on one legacy connection; return the replies of each."""
         def run():
@@ -223,16 +237,7 @@ class EndToEndTests(LiveServer, TestCase):
 
     @inlineCallbacks
     def test_cancel_packet_stops_the_job(self):
-        def run():
-            client = LegacyClient(self.port.getHost().port)
-            try:
-                client.send(legacy_request(self.models, steps=150))
-                first = client.receive()
-                client.send_raw(b"c" * P)
-                return [first] + client.until_final()
-            finally:
-                client.close()
-        replies = yield self.in_thread(run)
+        replies = yield self.cancel_mid_job(legacy_request(self.models, steps=150))
         self.assertEqual(replies[-1]["error"]["code"], errors.CANCELLED)
         steps = [m["step"] for m in replies if m.get("action") == 4]
         self.assertLess(len(steps), 150)

@@ -16,7 +16,7 @@ from runai.core.requests import Limits
 from runai.doors.http.api import Api
 from runai.doors.http.site import make_site
 from runai.doors.legacy.parse import parse_request
-from runai.test.test_e2e import P, LegacyClient, LiveServer, png_of
+from runai.test.test_e2e import LegacyClient, LiveServer, png_of
 from runai.test.test_engine_xl import half_mask, picture, xl_models
 from runai.test.test_http import HttpTestCase, pixels
 
@@ -122,16 +122,7 @@ class SocketTests(LiveServer, TestCase):
 
     @inlineCallbacks
     def test_cancel_packet_stops_the_job(self):
-        def run():
-            client = LegacyClient(self.port.getHost().port)
-            try:
-                client.send(xl_request(steps=150))
-                first = client.receive()
-                client.send_raw(b"c" * P)
-                return [first] + client.until_final()
-            finally:
-                client.close()
-        replies = yield self.in_thread(run)
+        replies = yield self.cancel_mid_job(xl_request(steps=150))
         self.assertEqual(replies[-1]["error"]["code"], errors.CANCELLED)
         self.assertLess(len([m for m in replies if m.get("action") == 4]), 150)
         self.assertEqual(images_of(replies), [])

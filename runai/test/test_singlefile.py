@@ -70,18 +70,9 @@ class EveryModelTests(LoaderTestCase):
 
 class OfflineTests(LoaderTestCase):
     def test_nothing_is_fetched_and_from_single_file_is_never_called(self):
-        import huggingface_hub
         from diffusers import StableDiffusionPipeline
 
-        calls = []
-
-        def refuse(*args, **kwargs):
-            calls.append(args)
-            raise AssertionError("a network or Hub call")
-
-        for name in ("hf_hub_download", "snapshot_download"):
-            self.patch(huggingface_hub, name, refuse)
-        self.patch(StableDiffusionPipeline, "from_single_file", classmethod(refuse))
+        calls = fx.forbid_hub(self, StableDiffusionPipeline)
         engine = self.engine()
         for name in ("v1/both.safetensors", "v1/old.ckpt", "v2/vpred.safetensors"):
             engine.load(str(self.models / name), name)

@@ -22,7 +22,7 @@ from runai.engine.engine import Engine
 from runai.models import library, sdconfigs, singlefile, singlefile_xl
 from runai.models.errors import LoadError
 from runai.test import xl_fixtures as xfx
-from runai.test.library_fixtures import assertSameWeights
+from runai.test.library_fixtures import assertSameWeights, forbid_hub
 from runai.test.test_cache import generate, request
 from runai.test.test_e2e import LiveServer, legacy_request, png_of
 from runai.test.test_http import HttpTestCase, pixels
@@ -133,18 +133,9 @@ class LoadTests(XLTestCase):
                              name)
 
     def test_nothing_is_fetched(self):
-        import huggingface_hub
         from diffusers import StableDiffusionXLPipeline
 
-        calls = []
-
-        def refuse(*args, **kwargs):
-            calls.append(args)
-            raise AssertionError("a network or Hub call")
-
-        for name in ("hf_hub_download", "snapshot_download"):
-            self.patch(huggingface_hub, name, refuse)
-        self.patch(StableDiffusionXLPipeline, "from_single_file", classmethod(refuse))
+        calls = forbid_hub(self, StableDiffusionXLPipeline)
         for name in ("sdxl/base.safetensors", "sdxl/base.ckpt", "sdxl/inpaint.safetensors"):
             self.load(name)
         self.assertEqual(calls, [])

@@ -131,6 +131,26 @@ def _save(path, unet, vae, text_encoder, tokenizer, dtype, prediction_type="epsi
     return Path(path)
 
 
+def tiny_vae(block_out_channels, sample_size, scaling_factor=0.18215, **config):
+    """A random-weight AutoencoderKL with one level per entry of ``block_out_channels``
+    (a VAE scale factor of 2 ** (levels - 1)) for latents of ``sample_size``; ``config``
+    adds to its config (``force_upcast``)."""
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(32, min(block_out_channels)),
+        sample_size=sample_size * 2 ** (levels - 1),
+        scaling_factor=scaling_factor,
+        **config,
+    )
+
+
 def build_tiny_pipeline(
     path,
     seed=0,
@@ -170,7 +190,6 @@ def build_tiny_pipeline(
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
     up = ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
     groups = min(32, min(block_out_channels))
-    vae_groups = min(32, min(vae_block_out_channels))
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -187,19 +206,7 @@ def build_tiny_pipeline(
         use_linear_projection=version == "v2",
     )
     torch.manual_seed(seed + 1)
-    vae_levels = len(vae_block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * vae_levels,
-        up_block_types=("UpDecoderBlock2D",) * vae_levels,
-        block_out_channels=tuple(vae_block_out_channels),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=vae_groups,
-        sample_size=sample_size * 2 ** (vae_levels - 1),
-        scaling_factor=0.18215,
-    )
+    vae = tiny_vae(vae_block_out_channels, sample_size)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

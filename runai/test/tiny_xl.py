@@ -122,20 +122,7 @@ def build_tiny_sdxl_pipeline(
         norm_num_groups=min(32, min(block_out_channels)),
     )
     torch.manual_seed(seed + 1)
-    vae_levels = len(vae_block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * vae_levels,
-        up_block_types=("UpDecoderBlock2D",) * vae_levels,
-        block_out_channels=tuple(vae_block_out_channels),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=min(32, min(vae_block_out_channels)),
-        sample_size=sample_size * 2 ** (vae_levels - 1),
-        scaling_factor=SDXL_VAE_SCALING,
-        force_upcast=force_upcast,
-    )
+    vae = tiny.tiny_vae(vae_block_out_channels, sample_size, SDXL_VAE_SCALING, force_upcast=force_upcast)
     torch.manual_seed(seed + 2)
     text_encoder = None if refiner else CLIPTextModel(
         _text_config(tokenizer, hidden_1, 2, 4, "quick_gelu", hidden_1))

@@ -91,21 +91,26 @@ def tiny_models():
     return tiny_model_dir()
 
 
-def start_twistd(testcase, *args, env=None, cwd=None, stderr=None):
-    """``twistd runai`` on a free port; returns (process, port, log file). Logs go to a
-    file so that a chatty server never blocks on a full pipe."""
+def spawn_twistd(testcase, *args, log_name="server.log", env=None, cwd=None, stderr=None):
+    """``twistd --nodaemon ... <args>`` (a plugin and its options), killed when the test
+    ends; returns (process, log file). Logs go to a file so that a chatty process never
+    blocks on a full pipe."""
     logs = os.path.realpath(testcase.mktemp())
     os.makedirs(logs)
-    log_path = os.path.join(logs, "server.log")
+    log_path = os.path.join(logs, log_name)
     log = open(log_path, "w")
     testcase.addCleanup(log.close)
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    server = subprocess.Popen(
-        [twistd, "--nodaemon", "--pidfile=", "--logfile=-", "runai", "--port", "0",
-         "--model-dir", tiny_models(), "--device", "cpu", *args],
-        cwd=cwd or logs, env=env, stdout=log, stderr=stderr or subprocess.STDOUT,
-    )
-    testcase.addCleanup(lambda: server.poll() is None and server.kill())
+    process = subprocess.Popen([twistd, "--nodaemon", "--pidfile=", "--logfile=-", *args], cwd=cwd or logs, env=env,
+                               stdout=log, stderr=stderr or subprocess.STDOUT)
+    testcase.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+    return process, log_path
+
+
+def start_twistd(testcase, *args, env=None, cwd=None, stderr=None):
+    """``twistd runai`` on a free port; returns (process, port, log file)."""
+    server, log_path = spawn_twistd(testcase, "runai", "--port", "0", "--model-dir", tiny_models(), "--device", "cpu",
+                                    *args, env=env, cwd=cwd, stderr=stderr)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and server.poll() is None:
         with open(log_path) as f:

@@ -6,8 +6,6 @@ import base64
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from io import BytesIO
@@ -18,20 +16,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from runai.client import BlockingClient
 from runai.test.redis_fixtures import start_redis
-from runai.test.store_fixtures import start_twistd, tiny_models, tiny_request
+from runai.test.store_fixtures import spawn_twistd, start_twistd, tiny_models, tiny_request
 
 
 def start_worker(testcase, url, *args):
     """``twistd runai-worker``; returns (process, log path) once it takes jobs."""
-    logs = os.path.realpath(testcase.mktemp())
-    os.makedirs(logs)
-    log_path = os.path.join(logs, "worker.log")
-    log = open(log_path, "w")
-    testcase.addCleanup(log.close)
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    worker = subprocess.Popen([twistd, "--nodaemon", "--pidfile=", "--logfile=-", "runai-worker", "--broker", url,
-                               "--model-dir", tiny_models(), *args], cwd=logs, stdout=log, stderr=subprocess.STDOUT)
-    testcase.addCleanup(lambda: worker.poll() is None and (worker.kill(), worker.wait()))
+    worker, log_path = spawn_twistd(testcase, "runai-worker", "--broker", url, "--model-dir", tiny_models(), *args,
+                                    log_name="worker.log")
     wait_for_line(testcase, log_path, r"runai worker \S+: \d+ device", worker)
     return worker, log_path
 

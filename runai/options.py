@@ -76,6 +76,18 @@ def _number(kind, option):
     return convert
 
 
+TEXT_ENCODER_PLACES = ("device", "cpu")
+# What every command that runs workers takes, beside --device.
+WORKER_PARAMETERS = [
+    ["dtype", None, "auto", "auto (float16 on CUDA, bfloat16 there for flow-matching models, float32 on CPU), "
+                            "float16, bfloat16 or float32."],
+    ["cache-size", None, "2", "How many models each worker keeps loaded (e.g. 2), or how much memory their "
+                              "weights may take (e.g. 8GiB, 6000MB); the least recently used one goes first."],
+    ["text-encoders", None, "device", "Where the text encoders run: 'device' (with the model) or 'cpu' (in the "
+                                      "computer's memory, sparing the GPU's for the model)."],
+]
+
+
 class WorkerOptions(usage.Options):
     """What every command that runs workers takes (``twistd runai``, ``twistd runai-worker``):
     ``--device`` (several times: one worker per device), ``--dtype``, ``--cache-size``; a bad
@@ -106,6 +118,9 @@ class WorkerOptions(usage.Options):
         self["device"] = self["devices"][0]
         if self["dtype"] not in DTYPES:
             raise usage.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self['dtype']!r}")
+        if self["text-encoders"] not in TEXT_ENCODER_PLACES:
+            raise usage.UsageError(
+                f"--text-encoders must be {' or '.join(TEXT_ENCODER_PLACES)}, not {self['text-encoders']!r}")
         try:
             self["cache-models"], self["cache-bytes"] = parse_cache_size(self["cache-size"])
         except ValueError as e:
@@ -143,9 +158,7 @@ class Options(WorkerOptions):
                                      "(seconds).", _number(float, "idle-timeout")],
         ["shutdown-timeout", None, 5.0, "Seconds a stop waits for the running denoising step to end; the server "
                                         "exits after that even if it has not.", _number(float, "shutdown-timeout")],
-        ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
-        ["cache-size", None, "2", "How many models to keep loaded (e.g. 2), or how much memory their weights "
-                                  "may take (e.g. 8GiB, 6000MB); the least recently used one goes first."],
+        *WORKER_PARAMETERS,
         ["db", None, None, "Keep a history of requests and images in this SQLCipher database file "
                            "(encrypted; created if missing). Without it nothing is written."],
         ["db-key-file", None, None, "A file holding the --db key (else the RUNAI_DB_KEY environment "

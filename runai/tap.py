@@ -139,7 +139,7 @@ def local_workers(config, reactor, library):
         LocalWorker(reactor, device=device, dtype=config["dtype"], stop_timeout=config.get("shutdown-timeout", 5.0),
                     name=f"runai-worker-{index}-{device}", cpu_threads=cpu_threads, engine_options=dict(
                         library=library, cache_models=config.get("cache-models", 2),
-                        cache_bytes=config.get("cache-bytes")))
+                        cache_bytes=config.get("cache-bytes"), text_encoders=config.get("text-encoders", "device")))
         for index, device in enumerate(devices)
     ]
 

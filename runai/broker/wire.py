@@ -16,7 +16,7 @@ from typing import Optional
 
 from runai.core import errors
 from runai.core.images import EncodedImage
-from runai.core.requests import GenerationRequest
+from runai.core.requests import GenerationRequest, resolve_modules
 from runai.models.paths import resolve_model, safety_checker_path
 
 VERSION = 1
@@ -25,7 +25,7 @@ GROUP = "runai-workers"
 
 # The request's scalar fields, as they travel (model_path and images travel otherwise).
 _SCALARS = tuple(f.name for f in dataclass_fields(GenerationRequest)
-                 if f.name not in ("model_path", "pixels", "mask", "safety_checker", "id"))
+                 if f.name not in ("model_path", "pixels", "mask", "safety_checker", "id", "module_paths"))
 
 
 class Keys:
@@ -115,8 +115,11 @@ class WireJob:
             raise WireError(f"a job with a malformed request: {e!r}") from None
         model_dir = Path(model_dir)
         model_path, model_name = resolve_model(model_dir, values.pop("model_name"))
+        # Companion files travel by name too, and are found in this worker's folder.
+        values["modules"], module_paths = resolve_modules(model_dir, values.get("modules") or ())
         safety = safety_checker_path(model_dir) if values["nsfw_filter"] else None
         return GenerationRequest(model_path=str(model_path), model_name=model_name, safety_checker=safety,
+                                 module_paths=module_paths,
                                  pixels=_image(self.fields, "pixels"), mask=_image(self.fields, "mask"), id=self.key,
                                  **values)
 

@@ -19,7 +19,7 @@ from runai.broker.cancels import CancelListener
 from runai.broker.client import RedisConnection, make_redis
 from runai.broker.consumer import Consumer
 from runai.models.library import ModelLibrary
-from runai.options import WorkerOptions, _number
+from runai.options import WORKER_PARAMETERS, WorkerOptions, _number
 from runai.tap import existing_temporary_folder, local_workers
 
 log = Logger(namespace="runai.worker")
@@ -32,9 +32,7 @@ class Options(WorkerOptions):
     optParameters = broker_options.PARAMETERS + [
         ["model-dir", "m", "~/stablediffusion", "The model folder; jobs name models relative to it, as in the "
                                                 "front's folder, and reach nothing outside it."],
-        ["dtype", None, "auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."],
-        ["cache-size", None, "2", "How many models each worker keeps loaded (e.g. 2), or how much memory their "
-                                  "weights may take (e.g. 8GiB)."],
+        *WORKER_PARAMETERS,
         ["shutdown-timeout", None, 5.0, "Seconds a stop waits for the running denoising step to end.",
          _number(float, "shutdown-timeout")],
         ["claim-timeout", None, 30.0, "Seconds without a heartbeat before another worker takes a job over from "

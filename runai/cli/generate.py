@@ -158,18 +158,18 @@ def add_commands(commands, common):
     gen.add_argument("-f", "--force", action="store_true", help="overwrite existing output files")
     gen.add_argument("-n", "--negative-prompt", "--negative", dest="negative", default=None, metavar="TEXT",
                      help="what the image should not show")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps, 1 to 150 (server default 20)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps, 1 to 150 (default: the model family's, 20 for SD)")
     gen.add_argument("--scale", type=float, default=None, help="guidance scale, 0 to 50 (server default 7.5)")
     gen.add_argument("--seed", type=int, default=None, help="0 to 2^32-1; image k has seed + k (default: random)")
     gen.add_argument("--width", type=int, default=None,
-                     help="64 to 2048, a multiple of 8 (default 512, 1024 for SDXL; with --init-image, its width)")
+                     help="64 to 2048, a multiple of 8 (default: the model family's, 512 to 1024; with --init-image, its width)")
     gen.add_argument("--height", type=int, default=None,
-                     help="64 to 2048, a multiple of 8 (default 512, 1024 for SDXL; with --init-image, its height)")
+                     help="64 to 2048, a multiple of 8 (default: the model family's, 512 to 1024; with --init-image, its height)")
     gen.add_argument("--n-samples", type=int, default=None, help="images per batch, 1 to 8 (default 1)")
     gen.add_argument("--n-iter", type=int, default=None, help="batches, 1 to 16 (default 1)")
     gen.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, metavar="NAME",
-                     help=f"one of: {', '.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER}; `runai schedulers` "
-                          "lists them)")
+                     help=f"one of: {', '.join(SCHEDULERS)} (default: the model family's, {DEFAULT_SCHEDULER} for SD; "
+                          "`runai schedulers` lists them)")
     gen.add_argument("--init-image", default=None, metavar="FILE",
                      help="img2img: the picture to start from (PNG, JPEG or WebP)")
     gen.add_argument("--strength", type=float, default=None,

@@ -9,15 +9,17 @@ are decoded whole here (:func:`runai.core.images.check_image`).
 """
 
 import functools
+import math
 import os
 import secrets
 from dataclasses import dataclass
 from typing import Optional
 
+from runai import families
 from runai.core import errors
 from runai.core.images import EncodedImage, check_image
-from runai.core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from runai.models.classify import SDXL
+from runai.core.schedulers import SCHEDULERS
+from runai.families.base import Defaults
 from runai.models.library import ModelLibrary
 from runai.models.paths import resolve_model, safety_checker_path
 
@@ -27,9 +29,11 @@ IMAGE_ACTIONS = ("img2img", "inpaint", "outpaint")
 MASK_ACTIONS = ("inpaint", "outpaint")
 MAX_SEED = 2**32 - 1
 MAX_MODEL_NAME_CHARS = 4096
-# The size a txt2img request without one paints at: what the model family was trained at.
+# Companion files a request may name (a VAE and three text encoders at most, in practice).
+MAX_MODULES = 8
+# The size a txt2img request without one paints at where the model's family is unknown;
+# a family's own is what it was trained at (runai.families).
 DEFAULT_SIZE = 512
-SDXL_DEFAULT_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,14 @@ class GenerationRequest:
     height: int = 512
     n_samples: int = 1
     n_iter: int = 1
-    scheduler: str = DEFAULT_SCHEDULER
+    scheduler: str = Defaults.scheduler
     ddim_eta: float = 0.0
+    # The guidance a guidance-distilled model is conditioned on; None: the family's.
+    distilled_scale: Optional[float] = None
+    # Companion files the client chose for a model that needs them (a VAE, text encoders):
+    # their names in the model folder, and resolved (inside it); () lets the server find them.
+    modules: tuple = ()
+    module_paths: tuple = ()
     strength: float = 0.8
     pos_x: int = 0
     pos_y: int = 0
@@ -94,12 +104,13 @@ class GenerationRequest:
         return [self.seed + k for k in range(self.image_count)]
 
 
-def _size(fields, name, limits, default=512):
+def _size(fields, name, limits, default=512, multiple=None):
+    multiple = multiple or limits.size_multiple
     value = fields.integer(name, default, limits.min_size, limits.max_size)
-    if value % limits.size_multiple:
+    if value % multiple:
         raise errors.RunaiError(
             errors.OUT_OF_RANGE,
-            f"{fields.lookup(name)[0]} must be a multiple of {limits.size_multiple}, not {value}",
+            f"{fields.lookup(name)[0]} must be a multiple of {multiple}, not {value}",
         )
     return value
 
@@ -111,17 +122,60 @@ def _library(model_dir):
     return ModelLibrary(model_dir)
 
 
-def family_default_size(model_path, model_dir, limits):
-    """The side of the square a txt2img request without a size paints at: 1024 for an SDXL
-    model, 512 for the others (and where the model cannot be classified), within the limits."""
+def model_family(model_path, model_dir):
+    """``(family, classification)`` of the model at ``model_path``, as the library says;
+    ``(None, None)`` where it cannot tell (the worker's load will say why)."""
     try:
         entry = _library(model_dir).describe(model_path)
     except (OSError, ValueError):
-        return DEFAULT_SIZE
-    if entry.error or entry.version != SDXL:
-        return DEFAULT_SIZE
-    multiple = limits.size_multiple
-    return max(limits.min_size, min(SDXL_DEFAULT_SIZE, limits.max_size) // multiple * multiple)
+        return None, None
+    if entry.error:
+        return None, None
+    return families.for_version(entry.version), entry.classification
+
+
+def _multiple(family, limits):
+    """What sizes must be a multiple of: the limits', or the family's where it needs more
+    (a transformer on 2x2 patches of the latent)."""
+    own = family.size_multiple if family is not None else 1
+    return limits.size_multiple * own // math.gcd(limits.size_multiple, own)
+
+
+def family_default_size(defaults, limits, multiple=None):
+    """The side of the square a txt2img request without a size paints at: the family's
+    (512 where the model cannot be classified), within the limits."""
+    multiple = multiple or limits.size_multiple
+    return max(limits.min_size, min(defaults.size, limits.max_size) // multiple * multiple)
+
+
+def _scheduler(fields, family, defaults):
+    scheduler = fields.string("scheduler", default=defaults.scheduler, max_chars=64)
+    known = SCHEDULERS if family is None else {**SCHEDULERS, **family.schedulers}
+    if scheduler not in known:
+        raise errors.RunaiError(
+            errors.UNKNOWN_SCHEDULER,
+            f"unknown scheduler {scheduler!r}; valid: {', '.join(sorted(known))}",
+        )
+    if family is not None and not family.check_scheduler(scheduler):
+        raise errors.RunaiError(
+            errors.BAD_REQUEST,
+            f"{family.label} models do not run the scheduler {scheduler!r}; they run "
+            f"{', '.join(sorted(family.schedulers))}",
+        )
+    return scheduler
+
+
+def resolve_modules(model_dir, names, label="'modules'"):
+    """``(names, resolved paths)`` of the companion files a client chose: each a model file
+    inside the model folder (relative to it, or absolute inside it)."""
+    if names is None:
+        return (), ()
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise errors.RunaiError(errors.BAD_REQUEST, f"{label} must be a list of file names")
+    if len(names) > MAX_MODULES:
+        raise errors.RunaiError(errors.OUT_OF_RANGE, f"{label} names {len(names)} files; the limit is {MAX_MODULES}")
+    resolved = [resolve_model(model_dir, name) for name in names]
+    return tuple(shown for _, shown in resolved), tuple(str(path) for path, _ in resolved)
 
 
 def _image(value, what):
@@ -134,13 +188,14 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
     ``prompt``, ``steps``, ...); raises :class:`runai.core.errors.RunaiError`."""
     base_path = fields.raw("model_base_path")
     model_path, model_name = resolve_model(model_dir, fields.string("model"), base_path)
+    family, classification = model_family(model_path, model_dir)
+    defaults = family.defaults(classification) if family is not None else Defaults(size=DEFAULT_SIZE)
     prompt = fields.string("prompt", default="", max_chars=limits.max_prompt_chars)
     negative = fields.string("negative_prompt", default="", max_chars=limits.max_prompt_chars)
-    steps = fields.integer("steps", 20, 1, limits.max_steps)
+    steps = fields.integer("steps", min(defaults.steps, limits.max_steps), 1, limits.max_steps)
     pixels = mask = None
-    default_width = default_height = DEFAULT_SIZE
-    if action not in IMAGE_ACTIONS and (fields.raw("width") is None or fields.raw("height") is None):
-        default_width = default_height = family_default_size(model_path, model_dir, limits)
+    multiple = _multiple(family, limits)
+    default_width = default_height = family_default_size(defaults, limits, multiple)
     if action in IMAGE_ACTIONS:
         raw_pixels = fields.raw("pixels")
         if raw_pixels is None:
@@ -148,15 +203,14 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         pixels = _image(raw_pixels, "pixels")
         # Without an explicit size, paint at the picture's own size (to the multiple of 8),
         # scaled down to the size limit if it is larger.
-        multiple = limits.size_multiple
         scale = min(1.0, limits.max_size / max(pixels.width, pixels.height))
         default_width = max(limits.min_size, int(pixels.width * scale) // multiple * multiple)
         default_height = max(limits.min_size, int(pixels.height * scale) // multiple * multiple)
     if action in MASK_ACTIONS:
         raw_mask = fields.raw("mask")
         mask = None if raw_mask is None else _image(raw_mask, "mask")
-    width = _size(fields, "width", limits, default_width)
-    height = _size(fields, "height", limits, default_height)
+    width = _size(fields, "width", limits, default_width, multiple)
+    height = _size(fields, "height", limits, default_height, multiple)
     strength = fields.number("strength", 1.0 if action in MASK_ACTIONS else 0.8, 0.0, 1.0)
     if action in IMAGE_ACTIONS and int(steps * strength) < 1:
         raise errors.RunaiError(
@@ -178,12 +232,9 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         seed = secrets.randbelow(MAX_SEED - limits.max_samples * limits.max_iter)
     if seed + n_samples * n_iter - 1 > MAX_SEED:
         raise errors.RunaiError(errors.OUT_OF_RANGE, f"seed + number of images must not exceed {MAX_SEED}")
-    scheduler = fields.string("scheduler", default=DEFAULT_SCHEDULER, max_chars=64)
-    if scheduler not in SCHEDULERS:
-        raise errors.RunaiError(
-            errors.UNKNOWN_SCHEDULER,
-            f"unknown scheduler {scheduler!r}; valid: {', '.join(sorted(SCHEDULERS))}",
-        )
+    scheduler = _scheduler(fields, family, defaults)
+    distilled = defaults.distilled_scale
+    modules, module_paths = resolve_modules(model_dir, fields.raw("modules"), fields.lookup("modules")[0])
     return GenerationRequest(
         id=id,
         action=action,
@@ -192,7 +243,7 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         prompt=prompt,
         negative_prompt=negative,
         steps=steps,
-        scale=fields.number("scale", 7.5, 0.0, limits.max_scale),
+        scale=fields.number("scale", min(defaults.scale, limits.max_scale), 0.0, limits.max_scale),
         seed=seed,
         width=width,
         height=height,
@@ -200,6 +251,9 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         n_iter=n_iter,
         scheduler=scheduler,
         ddim_eta=fields.number("ddim_eta", 0.0, 0.0, 1.0),
+        distilled_scale=fields.number("distilled_cfg_scale", distilled, 0.0, limits.max_scale),
+        modules=modules,
+        module_paths=module_paths,
         strength=strength,
         pos_x=fields.integer("pos_x", 0, -(2**31), 2**31 - 1),
         pos_y=fields.integer("pos_y", 0, -(2**31), 2**31 - 1),

@@ -20,13 +20,12 @@ import torch
 import transformers
 from twisted.logger import Logger
 
+from runai import families
 from runai.core import errors
 from runai.core.requests import GENERATION_ACTIONS
 from runai.engine import modes
-from runai.engine import prompts
 from runai.engine.device import resolve_device, resolve_dtype
 from runai.engine.safety import SafetyChecker
-from runai.engine.schedulers import make_scheduler
 from runai.models.cache import ModelLoader
 
 del offline  # imported for what importing it does
@@ -48,16 +47,11 @@ class _DropPromptText(logging.Filter):
         return not str(record.msg).startswith("The following part of your input was truncated")
 
 
-for _name in (
-    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
-    "diffusers.pipelines.stable_diffusion",
-    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
-    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
-    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",
-):
-    logging.getLogger(_name).addFilter(_DropPromptText())
+for _family in families.FAMILIES:
+    for _name in _family.prompt_loggers:
+        logging.getLogger(_name).addFilter(_DropPromptText())
 
-# The SDXL pipelines upcast the VAE for every float16 decode (runai's policy, see
+# Some pipelines upcast the VAE for every float16 decode (runai's policy, see
 # runai.models.cache.vae_decode_dtype) through a method they deprecate, warning each time.
 warnings.filterwarnings("ignore", message="`upcast_vae` is deprecated", category=FutureWarning)
 
@@ -110,25 +104,28 @@ class Engine:
     tests) can tell that a model stays loaded between requests.
     """
 
-    def __init__(self, device="auto", dtype="auto", library=None, cache_models=1, cache_bytes=None):
+    def __init__(self, device="auto", dtype="auto", library=None, cache_models=1, cache_bytes=None,
+                 text_encoders="device"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         # Loading, single files and the cache of loaded models live in runai.models.
-        self.loader = ModelLoader(self.device, self.dtype, library, max_models=cache_models, max_bytes=cache_bytes)
+        self.loader = ModelLoader(self.device, self.dtype, library, max_models=cache_models, max_bytes=cache_bytes,
+                                  dtype_auto=dtype in (None, "auto"), text_encoders=text_encoders)
         self._modes = modes.ModePipelines()
         self._safety = None
         log.info("engine on {device} with {dtype}", device=str(self.device), dtype=str(self.dtype))
 
     # -- model ------------------------------------------------------------------------
 
-    def load(self, model_path, model_name=None):
+    def load(self, model_path, model_name=None, modules=()):
         """Load the model at ``model_path`` (a diffusers folder, a ``.safetensors`` or
         ``.ckpt`` file) unless it is cached; it becomes ``pipe``.
 
-        ``model_name`` is how the client named it, for messages (default: the path).
+        ``model_name`` is how the client named it, for messages (default: the path);
+        ``modules`` the companion files it chose (resolved), for a file that needs them.
         Raises RunaiError(MODEL_LOAD_FAILED).
         """
-        return self.loader.get(model_path, model_name).pipe
+        return self.loader.get(model_path, model_name, modules).pipe
 
     @property
     def pipe(self):
@@ -183,13 +180,19 @@ class Engine:
             raise errors.JobCancelled()
         # Decoded before the model loads: a broken image should not cost a load.
         inputs = modes.prepare_inputs(request)
-        base = self.load(request.model_path, request.model_name)
+        base = self.load(request.model_path, request.model_name, request.module_paths)
         if is_cancelled():
             raise errors.JobCancelled()
+        family = families.for_pipeline(base)
+        if not family.check_scheduler(request.scheduler):
+            # The parser checks this against the library's word; the model on disk may
+            # have changed family since.
+            raise errors.RunaiError(errors.BAD_REQUEST, f"{family.label} models do not run {request.scheduler!r}")
         cls, mode_kwargs = modes.plan(base, request, inputs)
         pipe = self._modes.get(base, cls)
-        pipe.scheduler = make_scheduler(request.scheduler, self._scheduler_config)
-        text = self._text(pipe, request)
+        pipe.scheduler = family.make_scheduler(request.scheduler, self._scheduler_config)
+        text = self._text(family, pipe, request)
+        mode_kwargs = dict(mode_kwargs, **family.guidance(request))
 
         seeds = request.seeds()
         # Steps done so far, and how the progress total is counted: by batches, until a
@@ -237,23 +240,13 @@ class Engine:
             )
         return produced
 
-    def _text(self, pipe, request):
-        """The prompt's arguments to the pipeline: the text where it fits, which diffusers
-        encodes; else its embeddings, encoded here in chunks (:mod:`runai.engine.prompts`)."""
-        sdxl = modes.family(pipe).sdxl
-        texts = (request.prompt, request.negative_prompt)
-        if not any(prompts.needs_chunks(t, *texts) for t in prompts.tokenizers(pipe)):
-            # SDXL: no negative prompt is None to diffusers, which then zeroes the negative
-            # embeddings (force_zeros_for_empty_prompt), as prompts.encode_xl does.
-            negative = (request.negative_prompt or None) if sdxl else request.negative_prompt
-            return dict(prompt=request.prompt, negative_prompt=negative)
-        if sdxl:
-            text = prompts.encode_xl(pipe, request.prompt, request.negative_prompt, self.device)
-        else:
-            embeds, negative = prompts.encode(pipe, request.prompt, request.negative_prompt, self.device)
-            text = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
-        log.info("long prompt encoded in {n} chunks",
-                 n=text["prompt_embeds"].shape[1] // pipe.tokenizer.model_max_length)
+    def _text(self, family, pipe, request):
+        """The prompt's arguments to the pipeline, as the family encodes them: the text
+        where it fits, which diffusers encodes; else embeddings encoded in chunks."""
+        text = family.text(pipe, request, self.device)
+        if "prompt_embeds" in text:
+            log.info("long prompt encoded in {n} chunks",
+                     n=text["prompt_embeds"].shape[1] // pipe.tokenizer.model_max_length)
         return text
 
     def _check(self, request, images):
@@ -302,7 +295,7 @@ class Engine:
                 raise errors.JobCancelled()
             return callback_kwargs
 
-        # The SDXL pipelines move the VAE to float32 for a float16 decode and back after it;
+        # Some pipelines move the VAE to float32 for a float16 decode and back after it;
         # an error in between (out of memory) must not leave it there for the next request.
         vae_dtype = pipe.vae.dtype
         try:
@@ -312,8 +305,6 @@ class Engine:
                     **mode_kwargs,
                     num_images_per_prompt=len(seeds),
                     num_inference_steps=request.steps,
-                    guidance_scale=request.scale,
-                    eta=request.ddim_eta,
                     generator=generators,
                     output_type="pil",
                     callback_on_step_end=on_step_end,

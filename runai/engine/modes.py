@@ -1,33 +1,23 @@
-# -*- test-case-name: runai.test.test_modes,runai.test.test_engine_xl -*-
+# -*- test-case-name: runai.test.test_modes,runai.test.test_engine_xl,runai.test.test_flow_families -*-
 """The four generation modes on one loaded model: which pipeline, which inputs, and what
 happens to the images afterwards. Worker thread only (imports diffusers).
 
 All modes share the loaded model's weights: the img2img and inpaint pipelines are built
-from the txt2img pipeline's components, which costs no memory and no load. An SDXL model
-gets the SDXL pipelines of each mode, with diffusers' default size conditioning: original
-and target size the requested size, crop corner (0, 0).
+from the txt2img pipeline's components, which costs no memory and no load. Which pipeline
+runs each mode, and what else it is called with, is the model family's word
+(:mod:`runai.families`).
 """
 
-from runai.models import offline  # before diffusers and transformers
-
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Optional
 
-from diffusers import (
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
-    StableDiffusionXLPipeline,
-)
 from PIL import Image
 
+from runai import families
 from runai.core import errors
 from runai.engine import images
-from runai.models.cache import is_sdxl
-
-del offline  # imported for what importing it does
 
 
 @dataclass
@@ -38,28 +28,9 @@ class Inputs:
     mask: Optional[Image.Image] = None  # L, white = repaint
 
 
-@dataclass(frozen=True)
-class Family:
-    """The pipeline classes of a model family's modes (txt2img None: the loaded one's)."""
-
-    txt2img: Optional[type]
-    img2img: type
-    inpaint: type
-    sdxl: bool
-
-
-SD = Family(None, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, sdxl=False)
-SDXL = Family(StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
-              sdxl=True)
-
-
-def family(pipe):
-    return SDXL if is_sdxl(pipe) else SD
-
-
 def is_inpainting_model(pipe):
-    # Inpainting UNets take the latents, the mask and the masked image: 4 + 1 + 4 channels.
-    return pipe.unet.config.in_channels == 9
+    """Whether the loaded model was trained to repaint (its denoiser takes the mask)."""
+    return families.for_pipeline(pipe).is_inpainting_model(pipe)
 
 
 def prepare_inputs(request):
@@ -83,47 +54,41 @@ class ModePipelines:
             return pipe
         per_model = self._derived.setdefault(pipe, {})
         if cls not in per_model:
-            if family(pipe).sdxl:
-                derived = cls(**pipe.components, add_watermarker=False,
-                              force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt)
-            else:
-                derived = cls(**pipe.components, requires_safety_checker=False)
-            derived.set_progress_bar_config(disable=True)
-            per_model[cls] = derived
+            per_model[cls] = families.for_pipeline(pipe).derive(pipe, cls)
         return per_model[cls]
 
 
 def plan(pipe, request, inputs):
     """The pipeline class and the mode-specific call arguments for ``request``."""
-    f = family(pipe)
-    size = dict(width=request.width, height=request.height)
-    if f.sdxl:
-        # What diffusers does by default, said here so that every mode does the same.
-        hw = (request.height, request.width)
-        conditioning = dict(original_size=hw, target_size=hw, crops_coords_top_left=(0, 0))
-    else:
-        conditioning = {}
-    cls, kwargs = _plan(pipe, f, request, inputs, size)
-    return cls, dict(kwargs, **conditioning)
+    family = families.for_pipeline(pipe)
+    modes = family.modes()
+    cls, kwargs = _plan(pipe, family, modes, request, inputs)
+    if "height" in kwargs or _takes_size(cls):
+        # Every pipeline that takes a size gets the request's (img2img's input has it already).
+        kwargs.update(height=request.height, width=request.width)
+    return cls, dict(kwargs, **family.conditioning(request))
 
 
-def _plan(pipe, f, request, inputs, size):
-    if is_inpainting_model(pipe):
-        # An inpainting UNet cannot run the plain pipelines: give it a canvas to repaint
-        # whole (txt2img) or a picture to repaint whole at the request's strength (img2img).
+def _takes_size(cls):
+    return "height" in inspect.signature(cls.__call__).parameters
+
+
+def _plan(pipe, family, modes, request, inputs):
+    if family.is_inpainting_model(pipe):
+        # A model trained to repaint cannot run the plain pipelines: give it a canvas to
+        # repaint whole (txt2img) or a picture to repaint whole at the request's strength.
+        cls = modes.inpaint_model or modes.inpaint
         if request.action == "txt2img":
             init = Image.new("RGB", (request.width, request.height), (127, 127, 127))
-            return f.inpaint, dict(size, image=init, mask_image=_full_mask(request), strength=1.0)
+            return cls, dict(image=init, mask_image=_full_mask(request), strength=1.0)
         if request.action == "img2img":
-            return f.inpaint, dict(
-                size, image=inputs.init, mask_image=_full_mask(request), strength=request.strength)
+            return cls, dict(image=inputs.init, mask_image=_full_mask(request), strength=request.strength)
+        return cls, dict(image=inputs.init, mask_image=inputs.mask, strength=request.strength)
     if request.action == "txt2img":
-        return f.txt2img or type(pipe), size
+        return modes.txt2img, {}
     if request.action == "img2img":
-        # The img2img pipeline paints at the size of its input, already resized to the request's.
-        return f.img2img, dict(image=inputs.init, strength=request.strength)
-    return f.inpaint, dict(
-        size, image=inputs.init, mask_image=inputs.mask, strength=request.strength)
+        return modes.img2img, dict(image=inputs.init, strength=request.strength)
+    return modes.inpaint, dict(image=inputs.init, mask_image=inputs.mask, strength=request.strength)
 
 
 def _full_mask(request):

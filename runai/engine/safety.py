@@ -12,6 +12,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from transformers import CLIPImageProcessor
 
 from runai.core import errors
+from runai.models import loadlock
 from runai.models.paths import SAFETY_CHECKER as CHECKER_PATH
 
 del offline  # imported for what importing it does
@@ -29,8 +30,11 @@ class SafetyChecker:
         if self.path == path:
             return
         try:
-            checker = StableDiffusionSafetyChecker.from_pretrained(path, local_files_only=True)
-            extractor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+            # Under the process's load lock (runai.models.loadlock): another worker may be
+            # loading a model at the same time.
+            with loadlock.loading():
+                checker = StableDiffusionSafetyChecker.from_pretrained(path, local_files_only=True)
+                extractor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
         except Exception as e:
             raise errors.RunaiError(
                 errors.MODEL_LOAD_FAILED,

@@ -1,13 +1,11 @@
 # -*- test-case-name: runai.test.test_engine,runai.test.test_modes -*-
 """Schedulers by name, built from a model's own scheduler config (imports diffusers)."""
 
-from runai.core.schedulers import SCHEDULERS
+from runai.families import sd
 
 
 def make_scheduler(name, base_config):
-    """Build the scheduler ``name`` from a model's scheduler config (imports diffusers)."""
-    import diffusers
-
-    spec = SCHEDULERS[name]
-    cls = getattr(diffusers, spec.class_name)
-    return cls.from_config(dict(base_config), **spec.config)
+    """Build the scheduler ``name`` (one of :data:`runai.core.schedulers.SCHEDULERS`) from
+    a diffusion model's scheduler config; each family builds its own with
+    :meth:`runai.families.base.Family.make_scheduler`."""
+    return sd.FAMILY.make_scheduler(name, base_config)

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.loaders import single_file_utils
 from transformers import CLIPTextConfig, CLIPTokenizer
 
+from runai.models import loadlock
 from runai.models.classify import UNET
 from runai.models.errors import LoadError
 from runai.models.paths import check_tree, contained
@@ -105,7 +106,8 @@ def text_encoder(cls, config, convert, what, source, device, dtype):
     """A transformers CLIP text model of ``cls`` filled with ``convert(model)``'s weights."""
     # Built without random initialisation (every weight is overwritten), and not on the
     # meta device: CLIP's position ids are a buffer that no checkpoint holds.
-    with no_init_weights():
+    # no_init_weights patches torch process-wide: under the load lock (runai.models.loadlock).
+    with loadlock.loading(), no_init_weights():
         model = cls(text_config(config))
     converted = convert(model)
     if not hasattr(model, "text_model"):
@@ -119,14 +121,16 @@ def unet_and_vae(state, unet_config, vae_config, source, device, dtype, step):
     """The UNet and the VAE of a single file's ``state``, built from their configs on the
     meta device (no memory for random weights) and filled with the converted weights."""
     step("unet")
-    with torch.device("meta"):
+    # Under the load lock (runai.models.loadlock): the meta device is this thread's alone,
+    # but a load in another thread may have torch patched (accelerate's empty weights).
+    with loadlock.loading(), torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
     converted = single_file_utils.convert_ldm_unet_checkpoint(state, unet_config)
     unet = fill(unet, converted, "UNet", source, device, dtype, assign=True)
     del converted
 
     step("vae")
-    with torch.device("meta"):
+    with loadlock.loading(), torch.device("meta"):
         vae = AutoencoderKL.from_config(vae_config)
     converted = single_file_utils.convert_ldm_vae_checkpoint(state, vae_config)
     vae = fill(vae, converted, "VAE", source, device, dtype, assign=True)

@@ -4,11 +4,11 @@
 Worker thread only (imports torch and diffusers).
 
 * A diffusers folder loads with ``from_pretrained`` from local files only, once every
-  file in it is known to lie inside the model folder (:func:`runai.models.paths.check_tree`):
-  as an SDXL pipeline where its configs say SDXL, else as an SD 1.x/2.x one. SDXL refiners
-  are refused: they cannot generate alone.
+  file in it is known to lie inside the model folder (:func:`runai.models.paths.check_tree`),
+  as the pipeline its family says (:mod:`runai.families`). Refiners are refused: they
+  cannot generate alone.
 * A ``.safetensors`` or ``.ckpt`` file is described by the server's
-  :class:`runai.models.library.ModelLibrary` and assembled by :mod:`runai.models.singlefile`.
+  :class:`runai.models.library.ModelLibrary` and assembled by its family.
 * :class:`ModelLoader` keeps the most recently used pipelines in an LRU cache bounded in
   models or in bytes, so switching back to a model costs nothing.
 """
@@ -26,12 +26,13 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from twisted.logger import Logger
 
+from runai import families
 from runai.core import errors
 from runai.models import checkpoint
-from runai.models.classify import REFINER, REFINER_REFUSAL, SDXL, classify_diffusers
+from runai.models import loadlock
+from runai.models.classify import REFINER, REFINER_REFUSAL, classify_diffusers
 from runai.models.errors import MAX_CAUSE_CHARS, CheckpointError, LoadError
 from runai.models.paths import check_tree, contained
 from runai.models.singlefile import pipeline_from_single_file
@@ -66,6 +67,11 @@ class Loaded:
     nbytes: int
     signature: tuple
     seconds: float
+    modules: tuple = ()  # the companion files it was built with, as the client chose them
+    dtype: object = None  # the precision it runs in (a family may need another than the default)
+
+
+TEXT_ENCODER_PLACES = ("device", "cpu")
 
 
 def pipeline_bytes(pipe):
@@ -82,11 +88,6 @@ def pipeline_bytes(pipe):
     return total
 
 
-def is_sdxl(pipe):
-    """Whether ``pipe`` is of the SDXL family (two text encoders, size conditioning)."""
-    return "text_encoder_2" in pipe.components
-
-
 def vae_decode_dtype(vae, dtype):
     """The precision a pipeline of ``dtype`` decodes in with ``vae``.
 
@@ -100,8 +101,8 @@ def vae_decode_dtype(vae, dtype):
     return dtype
 
 
-# SDXL's sub-folders of weights; SD 1.x/2.x have the first three.
-WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# The sub-folders of weights of every family's diffusers folders.
+WEIGHT_FOLDERS = families.weight_folders()
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
 
 
@@ -142,7 +143,7 @@ def _loaded_weight_files(folder):
 
 def estimate_bytes(path, dtype):
     """What loading ``path`` will take, from file headers and sizes, before loading it:
-    every component's weights (both text encoders for SDXL) in ``dtype``."""
+    every component's weights (every text encoder) in ``dtype``."""
     files = [path]
     if os.path.isdir(path):
         files = [str(p) for sub in WEIGHT_FOLDERS for p in _loaded_weight_files(Path(path, sub))]
@@ -173,9 +174,16 @@ class ModelLoader:
     other threads may read.
     """
 
-    def __init__(self, device, dtype, library=None, max_models=1, max_bytes=None):
+    def __init__(self, device, dtype, library=None, max_models=1, max_bytes=None, dtype_auto=False,
+                 text_encoders="device"):
         self.device = device
         self.dtype = dtype
+        # "auto" lets each family pick its precision on a GPU (bfloat16 for the flow families).
+        self.dtype_auto = dtype_auto
+        # "cpu": text encoders stay in the computer's memory and encode prompts there.
+        if text_encoders not in TEXT_ENCODER_PLACES:
+            raise ValueError(f"text_encoders must be one of {TEXT_ENCODER_PLACES}, not {text_encoders!r}")
+        self.text_encoders = text_encoders
         # The server's one ModelLibrary: it says what a single file is, and its folder is
         # where single files find their base configs and what every model must lie inside.
         self.library = library
@@ -191,33 +199,37 @@ class ModelLoader:
     def used_bytes(self):
         return sum(entry.nbytes for entry in self._cache.values())
 
-    def get(self, model_path, model_name=None):
+    def get(self, model_path, model_name=None, modules=()):
         """The :class:`Loaded` entry of ``model_path``, from the cache or from disk.
 
+        ``modules``: the resolved companion files a client chose (a VAE, text encoders)
+        for a model file that needs them; () lets the family find them.
         Raises RunaiError(MODEL_LOAD_FAILED) with a message fit for the client.
         """
         path = str(model_path)
         name = model_name or path
+        modules = tuple(str(m) for m in modules)
         signature = _disk_signature(path)
         entry = self._cache.get(path)
-        if entry is not None and entry.signature == signature:
+        if entry is not None and entry.signature == signature and entry.modules == modules:
             self._cache.move_to_end(path)
             self.current = entry
             return entry
         if entry is not None:
-            log.info("{name} changed on disk; loading it again", name=name)
+            log.info("{name} changed on disk or in its companion files; loading it again", name=name)
             self._drop(path)
         self.current = None
-        estimate = estimate_bytes(path, self.dtype) if self.max_bytes else 0
+        dtype = self.dtype_of(path)
+        estimate = estimate_bytes(path, dtype) if self.max_bytes else 0
         self._make_room(estimate)
         started = time.monotonic()
         log.info("loading model {name}", name=name)
-        pipe, cause, oom = self._try_load(path, name)
+        pipe, cause, oom = self._try_load(path, name, dtype, modules)
         if oom and self._cache:
             # Whatever else is cached may be what stands in the way: drop it and try again.
             log.info("out of memory loading {name}; unloading the other models and retrying", name=name)
             self.unload()
-            pipe, cause, oom = self._try_load(path, name)
+            pipe, cause, oom = self._try_load(path, name, dtype, modules)
         if cause is not None:
             # Outside the except block, so that the traceback, and the half-loaded
             # weights its frames hold, are gone before memory is freed.
@@ -228,21 +240,18 @@ class ModelLoader:
             raise errors.RunaiError(errors.MODEL_LOAD_FAILED, f"could not load model {name!r}: {cause}")
         pipe.set_progress_bar_config(disable=True)
         self._use_fast_attention(pipe)
-        if is_sdxl(pipe):
-            # No invisible watermark, however the pipeline was built: the user's images are
-            # theirs, and the same seed gives the same bytes with or without the package.
-            pipe.watermark = None
-            decode = vae_decode_dtype(pipe.vae, self.dtype)
-            why = ("SDXL's original VAE overflows in float16" if decode != self.dtype
-                   else "the fp16-fixed VAE" if self.dtype == torch.float16 else "no upcast needed")
-            log.info("{name}: the VAE decodes in {decode} ({why})", name=name,
-                     decode=str(decode).removeprefix("torch."), why=why)
+        family = families.for_pipeline(pipe)
+        family.after_load(pipe, name, dtype)
+        if self.text_encoders == "cpu":
+            family.place_text_encoders(pipe, torch.device("cpu"))
+            log.info("{name}: the text encoders stay on the CPU", name=name)
         entry = Loaded(
             path=path, name=name, pipe=pipe,
             # Each request builds its scheduler from this pristine copy, so a request's
             # overrides (Karras sigmas, ...) never leak into the next request's scheduler.
             scheduler_config=copy.deepcopy(dict(pipe.scheduler.config)),
             nbytes=pipeline_bytes(pipe), signature=signature, seconds=time.monotonic() - started,
+            modules=modules, dtype=dtype,
         )
         self._cache[path] = entry
         self.current = entry
@@ -253,13 +262,38 @@ class ModelLoader:
                  name=name, seconds=entry.seconds, mb=entry.nbytes // 2**20, n=len(self._cache))
         return entry
 
-    def _try_load(self, path, name):
-        """(pipe, None, False) or (None, cause, out_of_memory)."""
+    def dtype_of(self, path):
+        """The precision ``path`` runs in: the loader's, unless ``--dtype auto`` lets the
+        model's family choose (bfloat16 on a GPU for the flow families: float16 overflows
+        in T5)."""
+        if not self.dtype_auto:
+            return self.dtype
         try:
             if os.path.isdir(path):
-                pipe = self._load_folder(path)
+                inside = self.model_dir if self.model_dir is not None else Path(os.path.realpath(path))
+                version = classify_diffusers(path, inside).version
+            elif self.library is not None:
+                version = self.library.describe(path).version
             else:
-                pipe = self._load_file(path, name)
+                return self.dtype
+        except (OSError, ValueError):
+            return self.dtype
+        family = families.for_version(version)
+        return family.auto_dtype(self.dtype, self.device) if family is not None else self.dtype
+
+    def _try_load(self, path, name, dtype, modules=()):
+        """(pipe, None, False) or (None, cause, out_of_memory)."""
+        def load():
+            if os.path.isdir(path):
+                return self._load_folder(path, dtype)
+            return self._load_file(path, name, dtype, modules)
+
+        try:
+            # One load at a time in the process (diffusers and transformers patch torch
+            # process-wide while they load), and one read from disk for loaders that want
+            # the same model at once: runai.models.loadlock.
+            key = (path, _disk_signature(path), str(self.model_dir), dtype, modules)
+            pipe = loadlock.load_once(key, self.device, load, name)
         except torch.OutOfMemoryError:
             return None, "the device ran out of memory", True
         except LoadError as e:
@@ -278,7 +312,7 @@ class ModelLoader:
             raise LoadError("it leads outside the model folder (it changed on disk since the request came in)")
         return str(resolved)
 
-    def _load_folder(self, path):
+    def _load_folder(self, path, dtype):
         if self.model_dir is not None:
             path = self._inside(path)
             check_tree(self.model_dir, path)
@@ -286,32 +320,39 @@ class ModelLoader:
         c = classify_diffusers(path, inside)
         if c.kind == REFINER:
             raise LoadError(REFINER_REFUSAL)
-        if c.version == SDXL:
-            cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
-        else:
-            cls, options = StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
+        family = families.for_version(c.version) or families.for_version("v1")
+        cls, options = family.folder_pipeline(c)
         pipe = cls.from_pretrained(
             path,
             local_files_only=True,
-            **{DTYPE_KEYWORD: self.dtype},
+            **{DTYPE_KEYWORD: dtype},
             **options,
             # Without accelerate, diffusers warns and falls back to False anyway.
             low_cpu_mem_usage=diffusers.utils.is_accelerate_available(),
         )
-        if pipe.unet.dtype != self.dtype:
+        if family.denoiser(pipe).dtype != dtype:
             # Whatever the keyword's fate in some diffusers release, never run in
             # another precision than the one asked for.
-            return pipe.to(self.device, self.dtype)
-        return pipe.to(self.device)
+            pipe = pipe.to(dtype=dtype)
+        return self._place(family, pipe)
 
-    def _load_file(self, path, name):
+    def _place(self, family, pipe):
+        """``pipe`` on the device; its text encoders too, unless they stay on the CPU."""
+        if self.text_encoders == "device":
+            return pipe.to(self.device)
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name not in family.text_encoder_names:
+                component.to(self.device)
+        return pipe
+
+    def _load_file(self, path, name, dtype, modules=()):
         if self.library is None:
             raise LoadError("single-file models need the server's model folder (for their configs)")
         path = self._inside(path)
         entry = self.library.describe(path, name)
         if entry.classification.kind == REFINER:
             raise LoadError(REFINER_REFUSAL)
-        return pipeline_from_single_file(path, self.model_dir, entry, self.device, self.dtype)
+        return pipeline_from_single_file(path, self.model_dir, entry, self.device, dtype, modules=modules)
 
     def _use_fast_attention(self, pipe):
         # diffusers uses torch's SDPA (AttnProcessor2_0) by default; xformers can still

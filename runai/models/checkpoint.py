@@ -25,6 +25,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 
+from runai.models import loadlock
 from runai.models.errors import CheckpointError
 from runai.models.pickle_walk import ckpt_tensor_shapes, state_dict_of
 
@@ -164,7 +165,9 @@ def _torch_load_restricted(path):
     import torch
 
     mmap = zipfile.is_zipfile(path)
-    with torch.serialization.safe_globals(STAND_INS):
+    # safe_globals is process-wide: another thread's load leaving its own would take the
+    # stand-ins away from this one (runai.models.loadlock).
+    with loadlock.loading(), torch.serialization.safe_globals(STAND_INS):
         # mmap: a 4 GB checkpoint is paged in as its tensors are used, not read up front.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 

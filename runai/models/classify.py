@@ -17,20 +17,16 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from runai.models import flowparts
 from runai.models.paths import contained, read_json
 
 log = Logger()
 
-V1, V2, SDXL, UNKNOWN = "v1", "v2", "sdxl", "unknown"
-SERVED_VERSIONS = (V1, V2, SDXL)
-SERVED_PIPELINES = (
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "StableDiffusionXLPipeline",
-    "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
-)
+V1, V2, SDXL, SD3, FLUX, UNKNOWN = "v1", "v2", "sdxl", "sd3", "flux", "unknown"
+# FLUX.1's variants: guidance-distilled (a guidance embedding), step-distilled (none), and
+# the inpainting model (the masked picture and the mask beside the latents).
+FLUX_DEV, FLUX_SCHNELL, FLUX_FILL = "dev", "schnell", "fill"
+FLUX_CONTROL = "control"  # Depth and Canny: a control image beside the latents (not served)
 # The SDXL refiner: the second stage of SDXL, which only refines a base model's latents
 # (one text encoder, an aesthetic score in its size conditioning). Listed, never served.
 REFINER = "refiner"
@@ -56,7 +52,7 @@ class Classification:
     """What a model's content says it is."""
 
     # "pipeline" (a whole SD model), "refiner" (SDXL's second stage), "vae", "lora",
-    # "embedding", "unknown"
+    # "embedding", "text_encoder" (SD3's and FLUX.1's companion files), "unknown"
     kind: str = UNKNOWN
     version: str = UNKNOWN
     inpainting: bool = False
@@ -64,6 +60,7 @@ class Classification:
     prediction_type: object = None  # "epsilon", "v_prediction", or None when the content does not say
     pipeline_class: object = None  # diffusers folders only
     notes: tuple = ()
+    variant: object = None  # within a family, where it matters: FLUX.1 "dev", "schnell", "fill"
 
 
 # -- content rules ---------------------------------------------------------------------
@@ -110,8 +107,11 @@ def classify_state(shapes, metadata=None):
     metadata = metadata or {}
     keys = list(shapes)
     notes = []
+    flow = _classify_flow_state(shapes)
+    if flow is not None:
+        return flow
     if not any(k.startswith(UNET) for k in keys):
-        return Classification(kind=_non_pipeline_kind(shapes))
+        return _non_pipeline(shapes)
     unet_version, context = _unet_version(shapes)
     te_version = _text_encoder_version(keys)
     version = unet_version or te_version or UNKNOWN
@@ -137,6 +137,35 @@ def classify_state(shapes, metadata=None):
     )
 
 
+def _classify_flow_state(shapes):
+    """SD3 (MMDiT ``joint_blocks``) and FLUX.1 (BFL ``double_blocks``/``single_blocks``,
+    often without the ``model.diffusion_model.`` prefix: a transformer-only file)."""
+    if any(k.startswith(UNET + "joint_blocks.") for k in shapes):
+        return Classification(kind="pipeline", version=SD3, in_channels=_patch_channels(shapes, UNET + "x_embedder."),
+                              prediction_type="flow")
+    for prefix in (UNET, ""):
+        if any(k.startswith(prefix + "double_blocks.") for k in shapes) and \
+                any(k.startswith(prefix + "single_blocks.") for k in shapes):
+            img_in = shapes.get(prefix + "img_in.weight")
+            in_channels = img_in[1] if img_in is not None and len(img_in) == 2 else None
+            if in_channels is not None and in_channels > 2 * 64:
+                variant = FLUX_FILL  # the latents, the masked picture's and the mask
+            elif in_channels is not None and in_channels > 64:
+                variant = FLUX_CONTROL  # the latents and a depth or edge map's: not served
+            elif any(k.startswith(prefix + "guidance_in.") for k in shapes):
+                variant = FLUX_DEV
+            else:
+                variant = FLUX_SCHNELL
+            return Classification(kind="pipeline", version=FLUX, in_channels=in_channels, inpainting=variant == FLUX_FILL,
+                                  prediction_type="flow", variant=variant)
+    return None
+
+
+def _patch_channels(shapes, prefix):
+    proj = shapes.get(prefix + "proj.weight")
+    return proj[1] if proj is not None and len(proj) == 4 else None
+
+
 def _is_refiner_state(shapes):
     """An SDXL refiner's state dict: its one text encoder (OpenCLIP bigG) is embedder 0 (the
     base has CLIP-L there and bigG as embedder 1); a UNet alone tells by its label width."""
@@ -146,6 +175,26 @@ def _is_refiner_state(shapes):
                 and not any(k.startswith("conditioner.embedders.1.") for k in keys))
     label = shapes.get(UNET + "label_emb.0.0.weight")
     return label is not None and len(label) == 2 and label[1] == SDXL_REFINER_LABEL_WIDTH
+
+
+def _non_pipeline(shapes):
+    """A file without a denoiser. SD3's and FLUX.1's companion files are told by content
+    (:mod:`runai.models.flowparts`): a VAE says its latent channels in ``in_channels`` where
+    they are not SD's 4 (16 for SD3's and FLUX.1's); a text encoder is ``kind``
+    "text_encoder" with ``variant`` "clip_l", "clip_g", "t5xxl" (or "clip": a CLIP of a
+    width no released model has)."""
+    kind = _non_pipeline_kind(shapes)
+    if kind == UNKNOWN and flowparts.vae_prefix(shapes) is not None:
+        kind = "vae"  # ComfyUI's "vae." prefix
+    if kind == "vae":
+        latent = next((c for c in (flowparts.latent_channels(shapes, p) for p in flowparts.VAE_PREFIXES)
+                       if c is not None), None)
+        return Classification(kind=kind, in_channels=latent if latent != 4 else None)
+    if kind == UNKNOWN:
+        variant = flowparts.text_encoder_variant(shapes)
+        if variant is not None:
+            return Classification(kind="text_encoder", variant=variant)
+    return Classification(kind=kind)
 
 
 def _non_pipeline_kind(shapes):
@@ -171,6 +220,8 @@ def classify_diffusers(folder, model_dir):
     unet = read_json(model_dir, folder / "unet" / "config.json") or {}
     scheduler = read_json(model_dir, folder / "scheduler" / "scheduler_config.json") or {}
     text_encoder = read_json(model_dir, folder / "text_encoder" / "config.json") or {}
+    if not unet and "transformer" in index:
+        return _classify_flow_folder(folder, model_dir, pipeline_class)
     if not unet:
         return Classification(pipeline_class=pipeline_class, notes=("no unet/config.json",))
     context = unet.get("cross_attention_dim")
@@ -194,6 +245,30 @@ def classify_diffusers(folder, model_dir):
         kind=kind, version=version, inpainting=in_channels == 9, in_channels=in_channels,
         prediction_type=prediction, pipeline_class=pipeline_class,
     )
+
+
+def _classify_flow_folder(folder, model_dir, pipeline_class):
+    """An SD3 or FLUX.1 folder, from its transformer's (and VAE's) config."""
+    transformer = read_json(model_dir, folder / "transformer" / "config.json") or {}
+    cls = transformer.get("_class_name")
+    in_channels = _int(transformer.get("in_channels"))
+    if cls == "SD3Transformer2DModel":
+        return Classification(kind="pipeline", version=SD3, in_channels=in_channels, prediction_type="flow",
+                              pipeline_class=pipeline_class)
+    if cls == "FluxTransformer2DModel":
+        vae = read_json(model_dir, folder / "vae" / "config.json") or {}
+        packed = (_int(vae.get("latent_channels")) or 16) * 4
+        if (in_channels or 0) > 2 * packed or pipeline_class == "FluxFillPipeline":
+            variant = FLUX_FILL
+        elif (in_channels or 0) > packed:
+            variant = FLUX_CONTROL
+        elif transformer.get("guidance_embeds") is False:
+            variant = FLUX_SCHNELL
+        else:
+            variant = FLUX_DEV
+        return Classification(kind="pipeline", version=FLUX, in_channels=in_channels, prediction_type="flow",
+                              inpainting=variant == FLUX_FILL, pipeline_class=pipeline_class, variant=variant)
+    return Classification(pipeline_class=pipeline_class, notes=("no unet/config.json",))
 
 
 def _is_refiner_folder(index):

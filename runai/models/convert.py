@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from runai.core import errors
 from runai.models.atomic import check_free, write_then_rename
+from runai.models import loadlock
 from runai.models import xl_layout
 from runai.models.classify import SDXL, V1, V2, classify_diffusers
 from runai.models.errors import MAX_CAUSE_CHARS, CheckpointError, ConvertError, LoadError
@@ -63,13 +64,17 @@ def single_file_to_diffusers(src, dst, model_dir, entry, on_progress=None, is_ca
     def stage(name):
         if cancelled():
             raise errors.JobCancelled()
-        index = STAGES.index(name)
+        # The denoiser is a UNet or a transformer, one stage either way.
+        index = STAGES.index("unet" if name == "transformer" else name)
         if index:
             report(index, total)
 
     check_free(dst, shown)
     try:
-        pipe = pipeline_from_single_file(src, model_dir, entry, device="cpu", dtype=None, on_step=stage)
+        # Under the process's load lock, as every load (runai.models.loadlock): a worker
+        # may be loading a model beside this conversion.
+        with loadlock.loading():
+            pipe = pipeline_from_single_file(src, model_dir, entry, device="cpu", dtype=None, on_step=stage)
     except LoadError as e:
         raise ConvertError(e.message)
     stage("save")
@@ -150,11 +155,14 @@ def diffusers_to_ldm(folder, dtype=None, model_dir=None):
     # (attention naming, .bin weights) on the way in.
     local = dict(local_files_only=True)
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", low_cpu_mem_usage=False, **local)
-        vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", low_cpu_mem_usage=False, **local)
-        text_encoder = None if refiner else CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **local)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            str(folder), subfolder="text_encoder_2", **local) if c.version == SDXL else None
+        with loadlock.loading():
+            unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", low_cpu_mem_usage=False,
+                                                        **local)
+            vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", low_cpu_mem_usage=False, **local)
+            text_encoder = None if refiner else CLIPTextModel.from_pretrained(
+                str(folder), subfolder="text_encoder", **local)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                str(folder), subfolder="text_encoder_2", **local) if c.version == SDXL else None
     except (OSError, ValueError, RuntimeError) as e:
         raise ConvertError(f"cannot read {folder.name}: {type(e).__name__}: {str(e)[:300]}")
     if c.version == SDXL:

@@ -18,11 +18,10 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from runai import families
 from runai.core import errors
 from runai.models import checkpoint
 from runai.models.classify import (
-    SERVED_PIPELINES,
-    SERVED_VERSIONS,
     UNKNOWN,
     Classification,
     apply_sidecar,
@@ -58,11 +57,19 @@ class ModelEntry:
         return self.classification.version
 
     @property
+    def is_companion(self):
+        """A file that completes another model (a VAE, a text encoder), not one to serve."""
+        return self.format != DIFFUSERS and not self.error and self.classification.kind in ("vae", "text_encoder")
+
+    @property
     def served(self):
         c = self.classification
-        if self.error or c.kind != "pipeline" or c.version not in SERVED_VERSIONS:
+        family = families.for_version(c.version)
+        if self.error or c.kind != "pipeline" or family is None or not family.serves(c):
             return False
-        return self.format != DIFFUSERS or c.pipeline_class in SERVED_PIPELINES
+        if self.format != DIFFUSERS:
+            return family.single_files
+        return c.pipeline_class in family.pipeline_classes
 
 
 def _folder_size(folder, limit=10_000):

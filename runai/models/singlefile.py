@@ -11,7 +11,8 @@ tokenizer from the model folder: never from the Hub (:func:`find_base_configs`).
 diffusers' ``from_single_file`` is not called with a path at all, so it can never take a
 name for a Hub repository, nor unpickle a ``.ckpt`` its own way.
 
-SD 1.x/2.x are built here; SDXL in :mod:`runai.models.singlefile_xl`, the same way.
+:func:`pipeline_from_single_file` hands a file to its family (:mod:`runai.families`); SD
+1.x/2.x are built here, SDXL in :mod:`runai.models.singlefile_xl`, the same way.
 """
 
 from runai.models import offline  # before diffusers and transformers
@@ -26,6 +27,7 @@ from diffusers.loaders import single_file_utils
 from transformers import CLIPTextModel
 from twisted.logger import Logger
 
+from runai import families
 from runai.models import checkpoint
 from runai.models import sdconfigs
 from runai.models import singlefile_xl
@@ -121,18 +123,30 @@ def looks_v_prediction(unet):
         return (out.float() - x.float()).mean().item() < -1
 
 
-def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, on_step=None):
-    """A StableDiffusion(XL)Pipeline from a ``.safetensors``/``.ckpt`` file; raises LoadError.
+def pipeline_from_single_file(path, model_dir, entry, device="cpu", dtype=None, on_step=None, modules=()):
+    """The pipeline of a ``.safetensors``/``.ckpt`` file, built by its family; raises LoadError.
 
     ``entry`` is the file's :class:`runai.models.library.ModelEntry`; ``dtype`` None keeps the
     checkpoint's own precision (for conversion). ``on_step(what)`` follows each stage.
+    ``modules``: companion files the client chose, for families that take them.
     """
     step = on_step or (lambda what: None)
     c = entry.classification
     if entry.error:
         raise LoadError(entry.error)
-    if c.version == SDXL and c.kind in ("pipeline", "refiner"):
-        return singlefile_xl.pipeline_from_xl_file(path, model_dir, entry, device, dtype, step)
+    family = families.for_version(c.version)
+    if c.kind not in ("pipeline", "refiner") or (c.kind == "refiner" and family is None):
+        raise LoadError(f"it is not a Stable Diffusion model (it looks like a {c.kind} file)")
+    if family is None:
+        raise LoadError(f"it is a {c.version} model; runai serves "
+                        + ", ".join(f.label for f in families.FAMILIES))
+    return family.from_single_file(path, model_dir, entry, device, dtype, step, modules=tuple(modules) or None)
+
+
+def sd_pipeline_from_file(path, model_dir, entry, device, dtype, step):
+    """A StableDiffusionPipeline from an SD 1.x/2.x file; the arguments are
+    :func:`pipeline_from_single_file`'s (the SD family's ``from_single_file``)."""
+    c = entry.classification
     if c.kind != "pipeline":
         raise LoadError(f"it is not a Stable Diffusion model (it looks like a {c.kind} file)")
     if c.version not in LOADABLE_VERSIONS:

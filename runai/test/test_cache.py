@@ -216,11 +216,11 @@ class CacheTests(LoaderTestCase):
         real = engine.loader._load_file
         failures = []
 
-        def flaky(path, name):
+        def flaky(path, name, *args, **kwargs):
             if not failures:
                 failures.append(name)
                 raise torch.OutOfMemoryError("simulated")
-            return real(path, name)
+            return real(path, name, *args, **kwargs)
 
         self.patch(engine.loader, "_load_file", flaky)
         self.load(engine, self.names[1])

@@ -21,7 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from runai.core import errors
 from runai.core.requests import GenerationRequest
 from runai.core.schedulers import SCHEDULERS
-from runai.engine import modes, prompts
+from runai.engine import modes
+from runai.families import clip_text as prompts
+from runai.families import sdxl
 from runai.engine.engine import Engine
 from runai.models import cache
 
@@ -208,7 +210,7 @@ class ModeTests(XLTestCase):
         self.assertEqual(Image.open(io.BytesIO(run.png)).size, (64, 64))
         self.assertEqual(Run(self.engine, self.image_request("img2img")).png, run.png)
         self.assertNotEqual(Run(self.engine, self.image_request("img2img", strength=1.0)).png, run.png)
-        self.assertEqual(type(self.engine._modes.get(self.engine.pipe, modes.SDXL.img2img)).__name__,
+        self.assertEqual(type(self.engine._modes.get(self.engine.pipe, sdxl.FAMILY.modes().img2img)).__name__,
                          "StableDiffusionXLImg2ImgPipeline")
 
     def check_keeps_unmasked(self, model, action="inpaint"):
@@ -257,7 +259,7 @@ class LongPromptTests(XLTestCase):
     def test_a_prompt_that_fits_encodes_as_diffusers_encodes_it(self):
         # One chunk is exactly what diffusers computes, negative and pooled embeddings included.
         for negative in ("fog", ""):
-            mine = prompts.encode_xl(self.pipe, "a lighthouse", negative, self.engine.device)
+            mine = sdxl.encode(self.pipe, "a lighthouse", negative, self.engine.device)
             with torch.inference_mode():
                 theirs = self.pipe.encode_prompt("a lighthouse", device=self.engine.device,
                                                  negative_prompt=negative or None)
@@ -281,7 +283,7 @@ class LongPromptTests(XLTestCase):
                 if len(prompts.token_ids(tokenizer, " ".join(prompt_words[:k]))) <= 75)
         first_75 = " ".join(prompt_words[:n])
         self.assertEqual(ids[:len(prompts.token_ids(tokenizer, first_75))], prompts.token_ids(tokenizer, first_75))
-        text = prompts.encode_xl(self.pipe, long_prompt, "fog", self.engine.device)
+        text = sdxl.encode(self.pipe, long_prompt, "fog", self.engine.device)
         chunks = -(-len(ids) // 75)
         width = self.pipe.text_encoder.config.hidden_size + self.pipe.text_encoder_2.config.hidden_size
         self.assertEqual(text["prompt_embeds"].shape, (1, chunks * 77, width))

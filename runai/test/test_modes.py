@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai.core import errors
 from runai.core import images as core_images
-from runai.engine import prompts
+from runai.families import clip_text as prompts
 from runai.engine.engine import Engine
 from runai.core.requests import Limits
 from runai.doors.legacy.parse import parse_request

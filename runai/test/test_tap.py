@@ -42,8 +42,18 @@ class OptionsTests(SynchronousTestCase):
             ["--port", "70000"], ["--port", "abc"], ["--packet-size", "0"], ["--packet-size", "8"],
             ["--max-message-size", "10"], ["--timeout", "0"], ["--idle-timeout", "-1"],
             ["--device", "tpu"], ["--device", "cuda:x"], ["--dtype", "int8"], ["--bogus"],
+            ["--text-encoders", "gpu"],
         ):
             self.assertRaises(OptionError, self.parse, *args)
+
+    def test_text_encoders_reach_each_workers_engine(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        service = tap.makeService(self.parse("--port", "0", "--device", "cpu", "--text-encoders", "cpu"),
+                                  reactor=MemoryReactorClock())
+        [worker] = [s for s in service if type(s).__name__ == "LocalWorker"]
+        self.assertEqual(worker.engine_options["text_encoders"], "cpu")
+        self.assertEqual(self.parse()["text-encoders"], "device")
 
     def test_token_file(self):
         path = self.mktemp()

@@ -25,7 +25,7 @@ PARSE_IN_THREAD_BYTES = 256 * 1024
 # Routes AUTOMATIC1111's clients call for features runai does not have: empty answers.
 EMPTY = {
     "loras": [], "hypernetworks": [], "upscalers": [], "face-restorers": [], "realesrgan-models": [],
-    "prompt-styles": [], "sd-vae": [], "latent-upscale-modes": [], "sd-modules": [],
+    "prompt-styles": [], "sd-vae": [], "latent-upscale-modes": [],
     "embeddings": {"loaded": {}, "skipped": {}}, "scripts": {"txt2img": [], "img2img": []},
     "script-info": [], "extensions": [],
 }
@@ -51,6 +51,7 @@ class Api(resource.Resource):
             (b"POST", "txt2img"): self.txt2img,
             (b"POST", "img2img"): self.img2img,
             (b"GET", "sd-models"): self.sd_models,
+            (b"GET", "sd-modules"): self.sd_modules,
             (b"POST", "refresh-checkpoints"): self.refresh_checkpoints,
             (b"GET", "options"): self.get_options,
             (b"POST", "options"): self.set_options,
@@ -149,6 +150,14 @@ class Api(resource.Resource):
     def sd_models(self, request):
         models = yield self.checkpoints.listing()
         return [{k: v for k, v in model.items() if k != "name"} for model in models]
+
+    @defer.inlineCallbacks
+    def sd_modules(self, request):
+        """Forge's list of companion files (VAEs, text encoders) a model file may take, for
+        ``forge_additional_modules``: named relative to the model folder."""
+        entries, _ = yield self.core.list_models()
+        return [{"model_name": entry.name.rsplit("/", 1)[-1].rsplit(".", 1)[0], "filename": entry.name}
+                for entry in entries if entry.is_companion]
 
     @defer.inlineCallbacks
     def refresh_checkpoints(self, request):

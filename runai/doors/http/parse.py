@@ -26,6 +26,10 @@ NAMES = {
     "n_samples": "batch_size",
     "n_iter": "n_iter",
     "strength": "denoising_strength",
+    # Forge's name for the guidance a guidance-distilled model is conditioned on.
+    "distilled_cfg_scale": "distilled_cfg_scale",
+    # Forge's companion files (VAE, text encoders) for a model that needs them.
+    "modules": "forge_additional_modules",
 }
 MAX_MASK_BLUR = 64
 
@@ -74,7 +78,13 @@ def _string(body, name):
 
 
 def _scheduler(body):
-    return scheduler_for(_string(body, "sampler_name") or _string(body, "sampler_index"), _string(body, "scheduler"))
+    """runai's scheduler for the body's sampler; None where it names none, so that the
+    model's family picks its own (Euler a for SD, flow Euler for flow models)."""
+    sampler = _string(body, "sampler_name") or _string(body, "sampler_index")
+    schedule = _string(body, "scheduler")
+    if not sampler and (schedule or "automatic").strip().lower() == "automatic":
+        return None
+    return scheduler_for(sampler, schedule)
 
 
 def txt2img(body, model, model_dir, limits):

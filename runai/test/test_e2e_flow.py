@@ -154,6 +154,7 @@ class HttpTests(HttpTestCase):
         response = yield self.in_thread(self.post, "txt2img", body)
         self.assertEqual(response.status_code, 200, response.text)
         self.assertIn("Sampler: Euler,", response.json()["info"])
+        self.assertNotIn("Distilled CFG Scale", response.json()["info"])  # schnell has none
         response = yield self.in_thread(self.post, "txt2img", dict(body, sampler_name="Euler a"))
         self.assertEqual(response.status_code // 100, 4, response.text)
         self.assertIn("euler", response.json()["detail"])
@@ -167,4 +168,5 @@ class HttpTests(HttpTestCase):
             answers.append((yield self.in_thread(self.post, "txt2img", dict(body, **extra))))
         default, same, other = answers
         self.assertEqual(default.json()["images"], same.json()["images"])
+        self.assertIn("Distilled CFG Scale: 8,", other.json()["info"])
         self.assertNotEqual(default.json()["images"], other.json()["images"])

@@ -43,6 +43,9 @@ def infotext(request, seed, checkpoints):
         ("Model hash", checkpoints.hash_of(request.model_name)),
         ("Model", request.model_name),
     ]
+    if getattr(request, "distilled_scale", None) is not None:
+        # Forge's field, for models conditioned on a distilled guidance.
+        fields.insert(4, ("Distilled CFG Scale", f"{request.distilled_scale:g}"))
     if request.action != "txt2img":
         fields.append(("Denoising strength", f"{request.strength:g}"))
     fields.append(("Version", f"runai {runai.__version__}"))

@@ -34,6 +34,10 @@ def models_command(args):
         return 0
     for m in models:
         flags = [m["format"], m["version"]]
+        if m.get("kind") not in (None, "pipeline", "unknown"):
+            flags.append(m["kind"])
+        if m.get("variant"):
+            flags.append(m["variant"])
         if m.get("inpainting"):
             flags.append("inpainting")
         if m.get("prediction_type") == "v_prediction":

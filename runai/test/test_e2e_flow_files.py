@@ -87,7 +87,9 @@ class SocketTests(LiveServer, TestCase):
         self.assertEqual((by_name[SD3_FILE]["version"], by_name[SD3_FILE]["served"]), ("sd3", True))
         self.assertEqual((by_name["vae/ae.safetensors"]["kind"], by_name["vae/ae.safetensors"]["served"]),
                          ("vae", False))
-        self.assertEqual(by_name["text_encoder/t5xxl_fp16.safetensors"]["kind"], "text_encoder")
+        self.assertEqual((by_name["text_encoder/t5xxl_fp16.safetensors"]["kind"],
+                          by_name["text_encoder/t5xxl_fp16.safetensors"]["variant"]), ("text_encoder", "t5xxl"))
+        self.assertEqual(by_name["flux/flux1-schnell.safetensors"]["variant"], "schnell")
 
 
 class ConvertTests(LiveServer, TestCase):

@@ -82,6 +82,8 @@ def model(entry, loaded=()):
         "served": entry.served,
         "loaded": entry.path in loaded,
     }
+    if c.variant:
+        wire["variant"] = c.variant  # within a family (dev, schnell, fill), or a text encoder's (clip_l, t5xxl)
     if entry.sidecar:
         wire["config"] = entry.sidecar
     if entry.error:

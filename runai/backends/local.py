@@ -129,8 +129,11 @@ class LocalWorker(service.Service):
         call = self.reactor.callFromThread
 
         # Through the job, not a listener captured now: a detached job reports nowhere.
-        def on_progress(step, total):
-            call(lambda: job.listener.job_progress(job, step, total))
+        def on_progress(step, total, preview=None):
+            if preview is None:
+                call(lambda: job.listener.job_progress(job, step, total))
+            else:
+                call(lambda: job.listener.job_progress(job, step, total, preview))
 
         if job.request.action == "convert":
             return engine.convert(job.request, on_progress=on_progress, is_cancelled=job.cancel_event.is_set)

@@ -57,8 +57,8 @@ class _Forward(NullListener):
         self.consumer = consumer
         self.run = run
 
-    def job_progress(self, job, step, total):
-        self.consumer._send(self.run, wire.progress_event(self.run.key, self.run.attempt, step, total))
+    def job_progress(self, job, step, total, preview=None):
+        self.consumer._send(self.run, wire.progress_event(self.run.key, self.run.attempt, step, total, preview))
 
     def job_image(self, job, image):
         self.consumer._send(self.run, wire.image_event(self.run.key, self.run.attempt, image))

@@ -100,7 +100,10 @@ class ReplyReader:
         if event.attempt != flight.attempt:
             return  # a stale attempt's, taken over since
         if event.type == "progress":
-            job.listener.job_progress(job, int(event.data["step"]), int(event.data["total"]))
+            if event.preview is None:
+                job.listener.job_progress(job, int(event.data["step"]), int(event.data["total"]))
+            else:
+                job.listener.job_progress(job, int(event.data["step"]), int(event.data["total"]), event.preview)
         elif event.type == "image":
             if event.image.index not in flight.images:
                 flight.images.add(event.image.index)

@@ -156,6 +156,7 @@ class Event:
     data: dict  # start: worker, deliveries; progress: step, total; done: result, seconds;
     #             failed: code, message
     image: Optional[WireImage] = None
+    preview: Optional[bytes] = None  # progress: the picture so far, when asked for
 
 
 def _event(key, attempt, kind, data, **extra):
@@ -168,8 +169,10 @@ def start_event(key, attempt, worker, deliveries):
     return _event(key, attempt, "start", {"worker": worker, "deliveries": deliveries})
 
 
-def progress_event(key, attempt, step, total):
-    return _event(key, attempt, "progress", {"step": step, "total": total})
+def progress_event(key, attempt, step, total, preview=None):
+    if preview is None:
+        return _event(key, attempt, "progress", {"step": step, "total": total})
+    return _event(key, attempt, "progress", {"step": step, "total": total}, preview=bytes(preview))
 
 
 def image_event(key, attempt, image):
@@ -193,10 +196,13 @@ def decode_event(entry):
     try:
         kind = _text(fields["type"])
         data = json.loads(fields["data"])
-        image = None
+        image = preview = None
         if kind == "image":
             image = WireImage(png=bytes(fields["png"]), **data)
-        return Event(key=_text(fields["key"]), attempt=_text(fields["attempt"]), type=kind, data=data, image=image)
+        elif kind == "progress" and "preview" in fields:
+            preview = bytes(fields["preview"])
+        return Event(key=_text(fields["key"]), attempt=_text(fields["attempt"]), type=kind, data=data, image=image,
+                     preview=preview)
     except (KeyError, ValueError, TypeError) as e:
         raise WireError(f"a malformed event: {e!r}") from None
 

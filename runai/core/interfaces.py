@@ -17,8 +17,9 @@ class IJobListener(Interface):
         """The back end took ``job``: it waits behind ``position`` others (0: it runs
         now). Told first, before any other event, and again when the position changes."""
 
-    def job_progress(job, step, total):
-        """A denoising step (or conversion stage) of ``job`` is done."""
+    def job_progress(job, step, total, preview=None):
+        """A denoising step (or conversion stage) of ``job`` is done; ``preview``: a small
+        PNG of the picture so far, when the request asked for one at this step."""
 
     def job_image(job, image):
         """``job`` produced ``image`` (a :class:`runai.core.jobs.ImageResult`-like object:

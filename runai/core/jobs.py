@@ -16,7 +16,7 @@ class NullListener:
     def job_queued(self, job, position):
         pass
 
-    def job_progress(self, job, step, total):
+    def job_progress(self, job, step, total, preview=None):
         pass
 
     def job_image(self, job, image):
@@ -41,9 +41,9 @@ class Listeners:
         for listener in self.listeners:
             listener.job_queued(job, position)
 
-    def job_progress(self, job, step, total):
+    def job_progress(self, job, step, total, preview=None):
         for listener in self.listeners:
-            listener.job_progress(job, step, total)
+            listener.job_progress(job, step, total, preview)
 
     def job_image(self, job, image):
         for listener in self.listeners:

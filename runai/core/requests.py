@@ -86,6 +86,8 @@ class GenerationRequest:
     # their names in the model folder, and resolved (inside it); () lets the server find them.
     modules: tuple = ()
     module_paths: tuple = ()
+    # Every this many steps a progress event carries a small preview of the picture; 0: none.
+    preview_every: int = 0
     strength: float = 0.8
     pos_x: int = 0
     pos_y: int = 0
@@ -93,6 +95,7 @@ class GenerationRequest:
     mask: Optional[EncodedImage] = None  # white = repaint; transparency in pixels counts too
     nsfw_filter: bool = False
     safety_checker: Optional[str] = None  # the checker's folder, when asked for and installed
+    loras: tuple = ()  # runai.models.loras.LoraRef: the prompt's <lora:...>, each with its weights
     id: object = None
 
     @property
@@ -254,6 +257,7 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         distilled_scale=fields.number("distilled_cfg_scale", distilled, 0.0, limits.max_scale),
         modules=modules,
         module_paths=module_paths,
+        preview_every=fields.integer("preview_every", 0, 0, limits.max_steps),
         strength=strength,
         pos_x=fields.integer("pos_x", 0, -(2**31), 2**31 - 1),
         pos_y=fields.integer("pos_y", 0, -(2**31), 2**31 - 1),

@@ -169,7 +169,8 @@ class Engine:
         """Run a txt2img, img2img, inpaint or outpaint request; returns the image count.
 
         ``on_progress(step, total)`` follows each denoising step, counted over all of the
-        request's batches; ``on_image(GeneratedImage)`` follows each image; a true
+        request's batches (``on_progress(step, total, preview)`` every ``preview_every``
+        steps, with a small PNG of the picture so far); ``on_image(GeneratedImage)`` follows each image; a true
         ``is_cancelled()`` stops the job at the next step with JobCancelled.
         """
         if request.action not in GENERATION_ACTIONS:
@@ -290,7 +291,14 @@ class Engine:
             # ``steps`` for second-order schedulers (Heun, DPM2) and for PLMS, fewer
             # than ``steps`` for img2img and inpainting below strength 1.
             progress.done = start + i + 1
-            on_progress(progress.done, progress.total(pipeline.num_timesteps))
+            every = request.preview_every
+            if every and (i + 1) % every == 0 and "latents" in callback_kwargs:
+                # Here, in the worker: a linear map and a PNG of one pixel per latent.
+                preview = families.for_pipeline(pipeline).preview(
+                    callback_kwargs["latents"], request.height, request.width)
+                on_progress(progress.done, progress.total(pipeline.num_timesteps), encode_png(preview))
+            else:
+                on_progress(progress.done, progress.total(pipeline.num_timesteps))
             if is_cancelled():
                 raise errors.JobCancelled()
             return callback_kwargs

@@ -32,6 +32,11 @@ class LatentFormat:
     shift_factor: float = 0.0
     packed: bool = False
     downscale: int = 8  # pixels per latent, per side
+    # A linear map from a latent's channels to RGB in -1..1 (``channels`` rows of R, G, B,
+    # and a bias): a preview that needs no weights, one pixel per latent (the factors are
+    # the ones ComfyUI's previews use for each family).
+    rgb_factors: tuple = ()
+    rgb_bias: tuple = (0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,26 @@ class Family:
     def is_inpainting_model(self, pipe):
         """Whether the loaded model was trained to repaint (its denoiser takes the mask)."""
         return False
+
+    def preview(self, latents, height, width):
+        """A small RGB picture (PIL, one pixel per latent) of the first image of a batch
+        of ``latents`` as the pipeline holds them, by the family's linear map: cheap (no
+        weights, no decoder), made in the worker."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        latent = latents[:1].detach().float()
+        h, w = height // self.latent.downscale, width // self.latent.downscale
+        if self.latent.packed:
+            # (1, h/2 * w/2, channels * 4) -> (1, channels, h, w): 2x2 patches unpacked.
+            latent = latent.view(1, h // 2, w // 2, self.latent.channels, 2, 2)
+            latent = latent.permute(0, 3, 1, 4, 2, 5).reshape(1, self.latent.channels, h, w)
+        factors = torch.tensor(self.latent.rgb_factors, dtype=latent.dtype, device=latent.device)
+        bias = torch.tensor(self.latent.rgb_bias, dtype=latent.dtype, device=latent.device)
+        rgb = torch.nn.functional.linear(latent[0].movedim(0, -1), factors.T, bias)
+        pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
 
     def conditioning(self, request):
         """Mode-independent call arguments beyond the size (size conditioning)."""

@@ -33,7 +33,7 @@ class RecordingListener:
         if self.record is None:
             self.record = self.store.begin(self.request)
 
-    def job_progress(self, job, step, total):
+    def job_progress(self, job, step, total, preview=None):
         pass
 
     def job_image(self, job, image):

@@ -6,6 +6,7 @@ job, and its owner is the HTTP request: a client that disconnects cancels its jo
 Errors are an HTTP status and ``{"error": code, "detail": message}``.
 """
 
+import dataclasses
 import json
 import time
 
@@ -22,6 +23,16 @@ from runai.doors.http.jobs import HttpJob, progress_reply
 # Bodies larger than this are parsed in the pool, not on the reactor; so is every body
 # with images, which are checked by decoding them.
 PARSE_IN_THREAD_BYTES = 256 * 1024
+# AUTOMATIC1111's options for live previews, and their types.
+PREVIEW_OPTIONS = {"live_previews_enable": bool, "show_progress_every_n_steps": int}
+
+
+def _flag(request, name):
+    """A query flag: ``?name=true`` (or 1)."""
+    values = request.args.get(name) or [b""]
+    return values[0].lower() in (b"true", b"1", b"yes")
+
+
 # Routes AUTOMATIC1111's clients call for features runai does not have: empty answers.
 EMPTY = {
     "loras": [], "hypernetworks": [], "upscalers": [], "face-restorers": [], "realesrgan-models": [],
@@ -47,6 +58,8 @@ class Api(resource.Resource):
         self.limits = limits
         self.checkpoints = Checkpoints(core, reactor, pool)
         self.running = []  # this door's jobs in progress (HttpJob), oldest first
+        # AUTOMATIC1111's defaults: a preview every 10 steps for /progress.
+        self.previews = {"live_previews_enable": True, "show_progress_every_n_steps": 10}
         self.routes = {
             (b"POST", "txt2img"): self.txt2img,
             (b"POST", "img2img"): self.img2img,
@@ -57,7 +70,8 @@ class Api(resource.Resource):
             (b"POST", "options"): self.set_options,
             (b"GET", "samplers"): lambda request: samplers.sampler_list(),
             (b"GET", "schedulers"): lambda request: samplers.schedule_list(),
-            (b"GET", "progress"): lambda request: progress_reply(self.running, self.core.status()),
+            (b"GET", "progress"): lambda request: progress_reply(
+                self.running, self.core.status(), _flag(request, b"skip_current_image")),
             (b"POST", "interrupt"): self.interrupt,
             (b"POST", "skip"): self.interrupt,
         }
@@ -129,12 +143,28 @@ class Api(resource.Resource):
         model = yield self.checkpoints.resolve(parse.wanted_model(body))
         args = (build, body, model, self.core.model_dir, self.limits)
         core_request = yield (self._off_reactor(*args) if in_thread else defer.maybeDeferred(*args))
+        every = self._preview_every(body)
+        if every != core_request.preview_every:
+            core_request = dataclasses.replace(core_request, preview_every=every)
         listener = HttpJob(self.running)
         job = self.core.submit(core_request, request, listener)
         # A client that goes away takes its job with it.
         request.notifyFinish().addErrback(lambda _: self.core.cancel(job))
         images = yield listener.result
         return replies.generated(core_request, images, body, self.checkpoints, started)
+
+    def _preview_every(self, body):
+        """Steps between live previews for ``/progress``: AUTOMATIC1111's options
+        (``live_previews_enable``, ``show_progress_every_n_steps``; -1 or 0: none), which
+        a body's ``override_settings`` may set for itself."""
+        settings = dict(self.previews)
+        override = body.get("override_settings")
+        if isinstance(override, dict):
+            settings.update((k, override[k]) for k in PREVIEW_OPTIONS if k in override)
+        every = settings["show_progress_every_n_steps"]
+        if settings["live_previews_enable"] is not True or isinstance(every, bool) or not isinstance(every, int):
+            return 0
+        return max(0, min(every, self.limits.max_steps))
 
     def interrupt(self, request):
         """Stop this door's running jobs; each answers with the images it has made."""
@@ -177,12 +207,20 @@ class Api(resource.Resource):
             "sd_checkpoint_hash": model["sha256"] if model else None,
             "samples_format": "png",
             "CLIP_stop_at_last_layers": 1,
+            **self.previews,
         }
 
     @defer.inlineCallbacks
     def set_options(self, request):
-        """Only ``sd_model_checkpoint`` is honoured (clients post back whole option sets)."""
+        """``sd_model_checkpoint`` and the live-preview options are honoured (clients post
+        back whole option sets: the rest is ignored)."""
         body = yield self._body(request)
+        for name, kind in PREVIEW_OPTIONS.items():
+            value = body.get(name)
+            if value is not None:
+                if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+                    raise errors.RunaiError(errors.BAD_REQUEST, f"{name!r} must be {kind.__name__}")
+                self.previews[name] = value
         wanted = body.get("sd_model_checkpoint")
         if wanted is not None:
             if not isinstance(wanted, str):

@@ -2,6 +2,7 @@
 """An HTTP request's job: its images gathered for one reply, and its progress for
 ``/sdapi/v1/progress``."""
 
+import base64
 import time
 
 from twisted.internet.defer import Deferred
@@ -26,16 +27,19 @@ class HttpJob:
         self.total = 0
         self.started = None
         self.interrupted = False
+        self.preview = None  # the latest preview's PNG, when the job makes them
 
     def job_queued(self, job, position):
         self.job = job
         if self not in self.running:
             self.running.append(self)
 
-    def job_progress(self, job, step, total):
+    def job_progress(self, job, step, total, preview=None):
         if self.started is None:
             self.started = self.clock()
         self.step, self.total = step, total
+        if preview is not None:
+            self.preview = preview
 
     def job_image(self, job, image):
         self.images.append(image)
@@ -64,9 +68,9 @@ class HttpJob:
         return done, (elapsed / done - elapsed) if done else 0.0
 
 
-def progress_reply(running, queued_and_busy):
-    """``GET /sdapi/v1/progress``: of this door's oldest job in progress; never another
-    client's prompt or picture."""
+def progress_reply(running, queued_and_busy, skip_current_image=False):
+    """``GET /sdapi/v1/progress``: of this door's oldest job in progress, with its latest
+    preview as ``current_image`` unless ``skip_current_image``; never a prompt."""
     queued, busy = queued_and_busy
     current = next((job for job in running if job.started is not None), None)
     fraction, eta = current.progress() if current is not None else (0.0, 0.0)
@@ -78,5 +82,8 @@ def progress_reply(running, queued_and_busy):
             "job_count": queued + (1 if busy else 0), "job_timestamp": "0", "job_no": 0,
             "sampling_step": current.step if current else 0, "sampling_steps": current.total if current else 0,
         },
-        "current_image": None, "textinfo": None,
+        "current_image": (base64.b64encode(current.preview).decode("ascii")
+                          if current is not None and current.preview is not None and not skip_current_image
+                          else None),
+        "textinfo": None,
     }

@@ -33,8 +33,13 @@ def queued(position):
     return {"action": "queued", "position": position}
 
 
-def progress(step, total):
-    return {"action": 4, "step": step, "total": total}
+def progress(step, total, preview=None):
+    """A progress message; with ``preview`` (PNG bytes, asked for by ``preview_every``)
+    the picture so far, base64."""
+    message = {"action": 4, "step": step, "total": total}
+    if preview is not None:
+        message["preview"] = base64.b64encode(preview).decode("ascii")
+    return message
 
 
 def image(request, image, extra=None):

@@ -181,8 +181,8 @@ class Session:
         if position:  # the legacy protocol never says "position 0"
             self._reply(job, replies.queued(position))
 
-    def job_progress(self, job, step, total):
-        self._reply(job, replies.progress(step, total))
+    def job_progress(self, job, step, total, preview=None):
+        self._reply(job, replies.progress(step, total, preview))
 
     def job_image(self, job, image):
         self._reply(job, replies.image(job.request, image))

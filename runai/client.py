@@ -74,7 +74,7 @@ def encode_request(obj, packet_size=framing.DEFAULT_PACKET_SIZE):
 
 
 # Requests answered by one message whose action names the request.
-SINGLE_REPLY_ACTIONS = ("pong", "models", "history", "history_delete")
+SINGLE_REPLY_ACTIONS = ("pong", "models", "loras", "embeddings", "history", "history_delete")
 
 
 def is_final(message):
@@ -157,6 +157,28 @@ class BlockingClient:
             message = self.receive()
             if message.get("action") == "models":
                 return message.get("models", [])
+            if "error" in message:
+                raise ServerError(message["error"]["code"], message["error"]["message"])
+
+    def loras(self):
+        """The server's LoRA files: one dict per file (name, alias, path, version, size)."""
+        self.send({"action": "loras"})
+        while True:
+            message = self.receive()
+            if message.get("action") == "loras":
+                return message.get("loras", [])
+            if "error" in message:
+                raise ServerError(message["error"]["code"], message["error"]["message"])
+
+    def embeddings(self, model=None):
+        """The server's textual-inversion embeddings: ``{"loaded": {name: {...}}, "skipped":
+        {...}}`` for ``model`` (those its text encoders take, and the rest), or every file
+        under ``loaded`` without one."""
+        self.send({"action": "embeddings", "options": {} if model is None else {"model": model}})
+        while True:
+            message = self.receive()
+            if message.get("action") == "embeddings":
+                return {"loaded": message.get("loaded", {}), "skipped": message.get("skipped", {})}
             if "error" in message:
                 raise ServerError(message["error"]["code"], message["error"]["message"])
 

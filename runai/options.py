@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from runai import tls
 from runai.doors.legacy import framing
+from runai.tokenfile import read_token
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -63,6 +64,15 @@ def checked_endpoint(option, description):
     except ValueError as e:
         raise usage.UsageError(f"--{option}: {e}")
     return description
+
+
+def checked_model_dir(value):
+    """``--model-dir`` resolved; a UsageError when it names something that is not a folder
+    (a folder that does not exist yet is said in the log at start, and may come later)."""
+    path = os.path.realpath(os.path.expanduser(value))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise usage.UsageError(f"--model-dir {value} is a file, not a folder: give the folder that holds the models")
+    return path
 
 
 def _number(kind, option):
@@ -146,6 +156,9 @@ class Options(WorkerOptions):
                                "--port, e.g. tcp:50007:interface=0.0.0.0 or ssl:... for TLS."],
         ["http", None, None, "Also serve an AUTOMATIC1111-compatible HTTP API on this Twisted endpoint, e.g. "
                              "tcp:7860:interface=127.0.0.1 (off unless given)."],
+        ["openai", None, None, "Also serve OpenAI's images API (/v1/images/...) on this Twisted endpoint, e.g. "
+                               "tcp:8000:interface=127.0.0.1 (off unless given).",
+         lambda description: checked_endpoint("openai", description)],
         ["model-dir", "m", "~/stablediffusion", "The model folder; clients can reach nothing outside it."],
         ["packet-size", None, framing.DEFAULT_PACKET_SIZE, "Packet size in bytes (the legacy clients use 1024).",
          _number(int, "packet-size")],
@@ -189,16 +202,15 @@ class Options(WorkerOptions):
         self.check_workers()
         if self["missing-safety-checker"] not in ("refuse", "unchecked"):
             raise usage.UsageError("--missing-safety-checker must be 'refuse' or 'unchecked'")
-        self["model-dir"] = os.path.realpath(os.path.expanduser(self["model-dir"]))
+        self["model-dir"] = checked_model_dir(self["model-dir"])
         self["token"] = None
         if self["token-file"] is not None:
             try:
-                with open(os.path.expanduser(self["token-file"]), encoding="utf-8") as f:
-                    self["token"] = f.read().strip()
-            except (OSError, UnicodeDecodeError) as e:
-                raise usage.UsageError(f"--token-file: cannot read {self['token-file']}: {e}")
+                self["token"] = read_token(self["token-file"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
             if len(self["token"]) < 16:
-                raise usage.UsageError("--token-file: the token must be at least 16 characters")
+                raise usage.UsageError(f"--token-file {self['token-file']}: the token must be at least 16 characters")
         self["db-key"] = None
         if self["db"] is not None or self["db-key-file"] is not None:
             from runai.history.key import check_options  # only with --db: without it no store code runs

@@ -205,15 +205,38 @@ def makeService(config, reactor=None, pool=None):
     StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     if config.get("http") is not None:
         _http_door(config, core, reactor, pool).setServiceParent(top)
+    if config.get("openai") is not None:
+        _openai_door(config, core, reactor, pool).setServiceParent(top)
     return top
+
+
+def _openai_door(config, core, reactor, pool):
+    """OpenAI's images API (``--openai``), on the same core."""
+    from runai.doors.openai.api import Api
+    from runai.doors.openai.site import make_site
+
+    site = make_site(Api(core, reactor, pool=pool, token=config["token"]), max_body=config["max-message-size"],
+                     timeout=config["idle-timeout"])
+
+    def started(port):
+        address = port.getHost()
+        host = getattr(address, "host", "127.0.0.1")
+        log.info("runai OpenAI API listening on {host}:{port}", host=host, port=getattr(address, "port", ""))
+        if not _is_loopback(host) and (config["token"] is None or not config["openai"].startswith("ssl:")):
+            log.warn("The OpenAI API listens beyond loopback without --token-file and an ssl: endpoint: anyone "
+                     "who can reach it can queue jobs and read what it answers")
+
+    endpoint = _Announced(endpoints.serverFromString(reactor, config["openai"]), config["openai"], started, reactor)
+    return StreamServerEndpointService(endpoint, site)
 
 
 def _http_door(config, core, reactor, pool):
     """The AUTOMATIC1111-compatible HTTP door (``--http``), on the same core."""
     from runai.doors.http.api import Api
-    from runai.doors.http.site import make_site
+    from runai.doors.http.site import make_site, with_backlog
 
-    site = make_site(Api(core, reactor, pool=pool, token=config["token"]), max_body=config["max-message-size"])
+    site = make_site(Api(core, reactor, pool=pool, token=config["token"]), max_body=config["max-message-size"],
+                     timeout=config["idle-timeout"], reactor=reactor)
 
     def started(port):
         address = port.getHost()
@@ -223,5 +246,6 @@ def _http_door(config, core, reactor, pool):
             log.warn("The HTTP API listens beyond loopback without --token-file and an ssl: endpoint: anyone "
                      "who can reach it can queue jobs and read what it answers")
 
-    endpoint = _Announced(endpoints.serverFromString(reactor, config["http"]), config["http"], started, reactor)
+    endpoint = _Announced(endpoints.serverFromString(reactor, with_backlog(config["http"])), config["http"], started,
+                          reactor)
     return StreamServerEndpointService(endpoint, site)

@@ -57,6 +57,8 @@ class LocalWorker(service.Service):
         # torch's intra-op threads for this process, when several workers share the CPU.
         self.cpu_threads = cpu_threads
         self._engine = None
+        self._stepping = False  # the worker thread is running a job's steps
+        self._loading = False  # the worker thread is loading torch and the engine
         if pool is None:
             pool = ThreadPool(minthreads=1, maxthreads=1, name=name or f"runai-{device}")
             # A daemon: a step that outlives the stop's deadline does not hold the exit.
@@ -74,6 +76,11 @@ class LocalWorker(service.Service):
         super().stopService()
         if not any(thread.is_alive() for thread in getattr(self.pool, "threads", ())):
             self.pool.stop()
+            return defer.succeed(None)
+        if self._loading and not self._stepping:
+            # Still starting (torch and the engine loading): no step to wait for, and the
+            # load may take a minute. The thread (a daemon) is joined if it can be before the exit.
+            threading.Thread(target=self.pool.stop, name="runai-worker-stop", daemon=True).start()
             return defer.succeed(None)
         stopped = defer.Deferred()
 
@@ -117,6 +124,15 @@ class LocalWorker(service.Service):
 
     def _get_engine(self):
         if self._engine is None:
+            self._loading = True
+            try:
+                return self._load_engine()
+            finally:
+                self._loading = False
+        return self._engine
+
+    def _load_engine(self):
+        if self._engine is None:
             if self.cpu_threads is not None:
                 _limit_cpu_threads(self.cpu_threads)
             self._engine = self._engine_factory(self.device, self.dtype, **self.engine_options)
@@ -135,6 +151,13 @@ class LocalWorker(service.Service):
             else:
                 call(lambda: job.listener.job_progress(job, step, total, preview))
 
+        self._stepping = True
+        try:
+            return self._run_on(engine, job, call, on_progress)
+        finally:
+            self._stepping = False
+
+    def _run_on(self, engine, job, call, on_progress):
         if job.request.action == "convert":
             return engine.convert(job.request, on_progress=on_progress, is_cancelled=job.cancel_event.is_set)
         return engine.generate(

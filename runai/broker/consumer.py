@@ -30,15 +30,16 @@ from runai.core.jobs import Job, NullListener
 
 # Refresh this consumer's claim on its entry, if it still owns it: 1, else 0.
 _HEARTBEAT = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if p.err or #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
 """
 # Acknowledge and delete the entry, if this consumer still owns it; then drop the job's keys.
 _FINISH = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p > 0 and p[1][2] == ARGV[2] then
+-- A Redis that restarted empty has no group: nothing is owned, nothing to acknowledge.
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p.err and #p > 0 and p[1][2] == ARGV[2] then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
   redis.call('XDEL', KEYS[1], ARGV[3])
   redis.call('ZREM', KEYS[2], ARGV[4])
@@ -74,6 +75,7 @@ class _Run:
         self.attempt = secrets.token_hex(8)
         self.job = None
         self.lost = False  # another consumer owns the entry now
+        self.front_gone = False  # stopped because its front's key was gone from Redis
         self.announced = False  # its start event is sent
         self.started = None
 
@@ -172,8 +174,8 @@ class Consumer(service.Service):
         deliveries = pending[0]["times_delivered"] if pending else 1
         try:
             wire_job = wire.decode_job(fields)
-        except errors.RunaiError:
-            return entry_id, fields, deliveries, None, True, False
+        except Exception as e:  # WireError, or whatever else a damaged entry makes decoding raise
+            return entry_id, None, deliveries, getattr(e, "message", None) or repr(e), True, False
         cancelled, front_alive = redis.pipeline(transaction=False).exists(self.keys.cancel(wire_job.key)).exists(
             self.keys.front(wire_job.front)).execute()
         return entry_id, wire_job, deliveries, None, bool(cancelled), bool(front_alive)
@@ -192,9 +194,9 @@ class Consumer(service.Service):
         if taken is None:
             self._later(0, self._take)
             return
-        entry, wire_job, deliveries, _, cancelled, front_alive = taken
+        entry, wire_job, deliveries, why, cancelled, front_alive = taken
         if not isinstance(wire_job, wire.WireJob):
-            self.log.warn("Dropped a malformed job entry {entry}", entry=entry)
+            self.log.warn("Dropped a malformed job entry {entry}: {why}", entry=entry, why=why)
             self._drop(entry)
             return
         run = self.current = _Run(entry, wire_job, deliveries)
@@ -249,6 +251,11 @@ class Consumer(service.Service):
         if not isinstance(error, errors.RunaiError):
             self.log.failure("Job {key} failed", failure, key=run.key)
             error = errors.RunaiError(errors.INTERNAL, f"generation failed: {type(error).__name__}: {error}")
+        elif error.code == errors.CANCELLED and run.front_gone:
+            # Its front's key went with a Redis that restarted without its data: if the
+            # front lives, it hears that the broker lost the job, not that it was cancelled.
+            error = errors.RunaiError(errors.BROKER_UNAVAILABLE, "the job broker (Redis) lost this job (restarted "
+                                                                 "without its data?); send it again")
         else:
             error = errors.RunaiError(error.code, errors.scrub(error.message, self.model_dir))
         self._fail(run, error)
@@ -361,5 +368,6 @@ class Consumer(service.Service):
         def checked(replies):
             cancelled, front_alive = replies
             if cancelled or not front_alive:
+                run.front_gone = not cancelled
                 run.job.cancel_event.set()
         d.addCallbacks(checked, lambda _: None)

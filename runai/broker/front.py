@@ -219,6 +219,7 @@ class BrokerBackend(ReplyReader, service.Service):
         to the workers that stops the running job at its next step."""
         commands = []
         for flight in flights:
+            flight.cancelled = True
             commands += [("SET", self.keys.cancel(flight.key), 1, "EX", 3600),
                          ("PUBLISH", self.keys.cancels, flight.key)]
         if commands:
@@ -288,11 +289,15 @@ class BrokerBackend(ReplyReader, service.Service):
             pipe.zrank(self.keys.queue, key)
         replies = pipe.execute()
         names = sorted(replies[3])
-        infos = self.connection.redis.mget([self.keys.worker(n.decode()) for n in names]) if names else []
+        keys = [self.keys.worker(name.decode("utf-8", "replace")) for name in names]
+        infos = self.connection.redis.mget(keys) if names else []
         gone = [n for n, info in zip(names, infos) if info is None]
         if gone:
             self.connection.redis.srem(self.keys.workers, *gone)
-        workers = {n.decode(): json.loads(info) for n, info in zip(names, infos) if info is not None}
+        workers = {}
+        for name, info in zip(names, infos):
+            if info is not None:
+                workers[name.decode("utf-8", "replace")] = _worker_info(info)
         return replies[2], replies[4:], workers
 
     def _polled(self, result, flights):
@@ -356,6 +361,22 @@ class BrokerBackend(ReplyReader, service.Service):
         if position != job.position:
             job.position = position
             job.listener.job_queued(job, position)
+
+
+def _worker_info(raw):
+    """A worker's key, as the fronts read it: ``{"busy", "loaded", ...}``; a malformed one
+    (not from a worker of this version, or damaged) counts as a live, idle worker with
+    nothing loaded, rather than stop the poll."""
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        return {"busy": False, "loaded": [], "malformed": True}
+    loaded = info.get("loaded")
+    if not isinstance(loaded, list) or not all(isinstance(name, str) for name in loaded):
+        info["loaded"] = []
+    return info
 
 
 def _within(reactor, d, seconds):

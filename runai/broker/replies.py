@@ -27,6 +27,7 @@ class Flight:
         self.images = set()  # image indexes told to the client
         self.missing = 0  # polls in a row that found the job gone from Redis
         self.missing_at = 0  # the front's read count when it was first found gone
+        self.cancelled = False  # this front asked its worker to stop it
 
 
 def unavailable(message="the server cannot reach its job broker (Redis); try again later"):
@@ -49,22 +50,31 @@ class ReplyReader:
         self._read_backoff.reset()
         self._reads += 1
         ids = []
-        for _, entries in streams or ():
-            for entry_id, fields in entries:
-                self._last_id = entry_id
-                ids.append(entry_id)
-                try:
-                    event = wire.decode_event(fields)
-                except errors.RunaiError as e:
-                    self.log.warn("Dropped an event: {message}", message=e.message)
-                    continue
-                try:
-                    self._dispatch(event)
-                except Exception:  # a listener's bug must not stop the reading
-                    self.log.failure("A job listener failed on a {kind} event", kind=event.type)
-        if ids and not self._stopping:
-            self._fire([("XDEL", self.reply, *ids)])  # read: not kept
-        self._read()
+        try:
+            for _, entries in streams or ():
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    ids.append(entry_id)
+                    self._take(entry_id, fields)
+        finally:  # whatever an entry holds, the reading goes on
+            if ids and not self._stopping:
+                self._fire([("XDEL", self.reply, *ids)])  # read: not kept
+            self._read()
+
+    def _take(self, entry_id, fields):
+        """One entry of the reply stream, told to its job's listener; a malformed one (not
+        from a worker of this version, or damaged) is dropped with one line in the log."""
+        try:
+            event = wire.decode_event(fields)
+        except Exception as e:  # WireError, or whatever else a damaged entry makes decoding raise
+            entry = entry_id.decode("ascii", "replace") if isinstance(entry_id, bytes) else str(entry_id)
+            self.log.warn("Dropped a malformed entry {entry} of the reply stream: {message}", entry=entry,
+                          message=getattr(e, "message", None) or repr(e))
+            return
+        try:
+            self._dispatch(event)
+        except Exception:  # a listener's bug must not stop the reading
+            self.log.failure("A job listener failed on a {kind} event", kind=event.type)
 
     def _read_failed(self, failure):
         if self._stopping:
@@ -114,7 +124,13 @@ class ReplyReader:
                 job.state = "done"
                 job.listener.job_done(job, event.data["result"], float(event.data["seconds"]))
             else:
-                self._fail(job, wire.event_error(event))
+                error = wire.event_error(event)
+                if error.code == errors.CANCELLED and not flight.cancelled:
+                    # Stopped by its worker, not by this front: the worker lost sight of the
+                    # job's front on the broker (a Redis that restarted without its data).
+                    error = unavailable("the job broker (Redis) lost this job (restarted without its data?); "
+                                        "send it again")
+                self._fail(job, error)
 
     def _fail(self, job, error):
         job.state = "failed"

@@ -9,14 +9,19 @@ front holds (PNG, JPEG, ... with their format and size), scalars as one JSON obj
 Every entry carries :data:`VERSION`; a reader refuses another.
 """
 
+import dataclasses
 import json
+import math
+import typing
 from pathlib import Path
 from dataclasses import dataclass, fields as dataclass_fields
 from typing import Optional
 
 from runai.core import errors
 from runai.core.images import EncodedImage
+from runai.core.hires import Hires
 from runai.core.requests import GenerationRequest, resolve_modules
+from runai.models import embeddings, loras
 from runai.models.paths import resolve_model, safety_checker_path
 
 VERSION = 1
@@ -61,12 +66,41 @@ def _text(value):
 
 
 def _fields(entry):
-    """Stream fields with text names (redis-py hands bytes)."""
-    return {_text(k): v for k, v in entry.items()}
+    """Stream fields with text names (redis-py hands bytes); WireError for a name that is
+    not UTF-8."""
+    try:
+        return {_text(k): v for k, v in entry.items()}
+    except (UnicodeDecodeError, AttributeError) as e:
+        raise WireError(f"an entry with a malformed field name: {e!r}") from None
+
+
+# The types of the request's scalars that a worker checks before it runs anything.
+_TYPES = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool),
+          tuple: lambda v: isinstance(v, (list, tuple))}
+
+
+def _check_scalars(values):
+    """WireError unless each plain scalar of a job has its field's type (an entry that did
+    not come from a front of this version, or was damaged)."""
+    for field in dataclass_fields(GenerationRequest):
+        if field.name not in values:
+            continue
+        kind, optional = field.type, False
+        if typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind):
+            optional, kind = True, next(k for k in typing.get_args(kind) if k is not type(None))
+        check = _TYPES.get(kind)
+        value = values[field.name]
+        if check is not None and not (optional and value is None) and not check(value):
+            raise WireError(f"a job with a malformed request: {field.name!r} is not {kind.__name__}")
 
 
 def _check_version(fields):
-    version = _text(fields.get("v", b"?"))
+    try:
+        version = _text(fields.get("v", b"?"))
+    except UnicodeDecodeError:
+        version = "?"
     if version != str(VERSION):
         raise WireError(f"broker wire version {version} is not {VERSION}: run the same runai on fronts and workers")
 
@@ -92,6 +126,12 @@ def encode_job(request, key, front):
     """The stream fields of ``request`` (a GenerationRequest), job ``key``, replies to
     ``front``."""
     scalars = {name: getattr(request, name) for name in _SCALARS}
+    # LoRAs travel by the name the prompt gave, with their weights: found again by the worker.
+    scalars["loras"] = [[ref.name, ref.te, ref.unet] for ref in request.loras]
+    # Embeddings travel by name, found again in the worker's folder.
+    scalars["embeddings"] = [ref.name for ref in request.embeddings]
+    if request.hires is not None:
+        scalars["hires"] = dataclasses.asdict(request.hires)
     fields = {"v": VERSION, "key": key, "front": front, "request": json.dumps(scalars)}
     fields.update(_image_fields("pixels", request.pixels))
     fields.update(_image_fields("mask", request.mask))
@@ -113,10 +153,26 @@ class WireJob:
             values = {name: scalars[name] for name in _SCALARS}
         except (KeyError, ValueError, TypeError) as e:
             raise WireError(f"a job with a malformed request: {e!r}") from None
+        _check_scalars(values)
         model_dir = Path(model_dir)
         model_path, model_name = resolve_model(model_dir, values.pop("model_name"))
+        if values.get("hires") is not None:
+            try:
+                values["hires"] = Hires(**values["hires"])
+            except TypeError as e:
+                raise WireError(f"a job with a malformed hires pass: {e!r}") from None
         # Companion files travel by name too, and are found in this worker's folder.
         values["modules"], module_paths = resolve_modules(model_dir, values.get("modules") or ())
+        try:
+            wanted = [loras.LoraRef(name=str(n), path="", te=te, unet=unet)
+                      for n, te, unet in values.get("loras") or ()]
+        except (TypeError, ValueError) as e:
+            raise WireError(f"a job with malformed LoRAs: {e!r}") from None
+        values["loras"] = loras.resolve(model_dir, wanted)
+        names = values.get("embeddings") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise WireError("a job with malformed embeddings")
+        values["embeddings"] = embeddings.by_names(model_dir, names)
         safety = safety_checker_path(model_dir) if values["nsfw_filter"] else None
         return GenerationRequest(model_path=str(model_path), model_name=model_name, safety_checker=safety,
                                  module_paths=module_paths,
@@ -131,6 +187,8 @@ def decode_job(entry):
         return WireJob(key=_text(fields["key"]), front=_text(fields["front"]), fields=fields)
     except KeyError as e:
         raise WireError(f"a job without {e}") from None
+    except UnicodeDecodeError as e:
+        raise WireError(f"a job whose key or front is not UTF-8: {e!r}") from None
 
 
 # Events ----------------------------------------------------------------------------------
@@ -196,6 +254,7 @@ def decode_event(entry):
     try:
         kind = _text(fields["type"])
         data = json.loads(fields["data"])
+        _check_event_data(kind, data)
         image = preview = None
         if kind == "image":
             image = WireImage(png=bytes(fields["png"]), **data)
@@ -203,8 +262,37 @@ def decode_event(entry):
             preview = bytes(fields["preview"])
         return Event(key=_text(fields["key"]), attempt=_text(fields["attempt"]), type=kind, data=data, image=image,
                      preview=preview)
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise WireError(f"a malformed event: {e!r}") from None
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each kind of event's data holds, and what a front reads of it.
+_EVENT_DATA = {
+    "start": {"deliveries": _whole},
+    "progress": {"step": _whole, "total": _whole},
+    "image": {"seed": _whole, "width": _whole, "height": _whole, "index": _whole},
+    "done": {"result": _whole, "seconds": _number},
+    "failed": {"code": lambda v: isinstance(v, str), "message": lambda v: isinstance(v, str)},
+}
+
+
+def _check_event_data(kind, data):
+    checks = _EVENT_DATA.get(kind)
+    if checks is None:
+        raise ValueError(f"unknown event type {kind[:40]!r}")
+    if not isinstance(data, dict):
+        raise TypeError(f"a {kind} event's data is not an object")
+    for name, check in checks.items():
+        if not check(data.get(name)):
+            raise TypeError(f"a {kind} event's {name!r} is missing or of the wrong type")
 
 
 def event_error(event):

@@ -19,7 +19,7 @@ from runai.broker.cancels import CancelListener
 from runai.broker.client import RedisConnection, make_redis
 from runai.broker.consumer import Consumer
 from runai.models.library import ModelLibrary
-from runai.options import WORKER_PARAMETERS, WorkerOptions, _number
+from runai.options import WORKER_PARAMETERS, WorkerOptions, _number, checked_model_dir
 from runai.tap import existing_temporary_folder, local_workers
 
 log = Logger(namespace="runai.worker")
@@ -52,7 +52,7 @@ class Options(WorkerOptions):
             raise usage.UsageError("--max-deliveries must be between 1 and 100")
         if not self["shutdown-timeout"] > 0:
             raise usage.UsageError("--shutdown-timeout must be a positive number of seconds")
-        self["model-dir"] = os.path.realpath(os.path.expanduser(self["model-dir"]))
+        self["model-dir"] = checked_model_dir(self["model-dir"])
         self["name"] = self["name"] or f"{socket.gethostname()}-{os.getpid()}"
 
 

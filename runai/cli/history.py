@@ -7,6 +7,7 @@ PNGs with their parameters in PNG text chunks: ``parameters`` (the one-line form
 Stable Diffusion tools read) and ``runai`` (the whole history item, as JSON).
 """
 
+import argparse
 import base64
 import datetime
 import json
@@ -157,28 +158,42 @@ def delete_command(args):
     return 0
 
 
+def _at_least_one(text):
+    """An argparse type: a whole number of 1 or more (a count, a request id)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"out of range: must be 1 or more, not {value}")
+    return value
+
+
 def add_commands(commands, common):
     """``runai history ...``, under the ``runai`` command's subparsers."""
     top = commands.add_parser("history", help="the server's history (a server started with --db)")
     sub = top.add_subparsers(dest="history_command", required=True)
 
     def filters(p, default_limit):
-        p.add_argument("--limit", type=int, default=default_limit, help="at most this many requests")
-        p.add_argument("--before", type=int, default=None, help="only requests older than this request id")
-        p.add_argument("--query", default=None, help="only requests whose prompt contains this text")
+        p.add_argument("--limit", type=_at_least_one, default=default_limit,
+                       help=f"at most this many requests, 1 or more (default {default_limit or 'all'})")
+        p.add_argument("--before", type=_at_least_one, default=None,
+                       help="only requests older than this request id (default: from the newest)")
+        p.add_argument("--query", default=None,
+                       help="only requests whose prompt contains this text (default: every request)")
 
     ls = sub.add_parser("list", parents=[common], help="list past requests, newest first")
     filters(ls, 20)
-    ls.add_argument("--json", action="store_true", help="the items as JSON")
+    ls.add_argument("--json", action="store_true", help="the items as JSON (default: one line each)")
     ls.set_defaults(func=list_command)
 
     ex = sub.add_parser("export", parents=[common], help="write the images as PNGs, with their parameters")
-    ex.add_argument("directory")
+    ex.add_argument("directory", help="the folder to write the PNGs into (made if missing)")
     filters(ex, None)
-    ex.add_argument("--request-id", type=int, action="append", default=None,
+    ex.add_argument("--request-id", type=_at_least_one, action="append", default=None,
                     help="export this request (repeatable); default: every request the filters select")
     ex.set_defaults(func=export_command)
 
     rm = sub.add_parser("delete", parents=[common], help="delete requests and their images")
-    rm.add_argument("request_id", type=int, nargs="+")
+    rm.add_argument("request_id", type=_at_least_one, nargs="+", help="the ids of the requests to delete")
     rm.set_defaults(func=delete_command)

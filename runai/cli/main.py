@@ -9,7 +9,7 @@ from runai.cli import generate as generate_cli
 from runai.cli import history as history_cli
 from runai.cli import models as library_cli
 from runai.cli import systemd as systemd_cli
-from runai.cli.common import connect, connection_options
+from runai.cli.common import CommandError, connect, connection_options, end_progress
 from runai.client import ServerError
 from runai.core import errors
 
@@ -77,7 +77,12 @@ def connection_error_line(args, e):
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            end_progress()  # what follows starts on a line of its own
+    except CommandError as e:
+        print(f"runai: {e}", file=sys.stderr)
     except ServerError as e:
         print(server_error_line(e), file=sys.stderr)
     except (ConnectionError, TimeoutError, socket.gaierror) as e:

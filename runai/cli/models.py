@@ -1,5 +1,6 @@
 # -*- test-case-name: runai.test.test_cli_models,runai.test.test_convert -*-
-"""``runai models`` (asks the server) and ``runai convert SRC DST`` (runs here, offline).
+"""``runai models``, ``runai loras`` and ``runai embeddings`` (ask the server), and
+``runai convert SRC DST`` (runs here, offline).
 
 ``convert`` goes both ways: a ``.safetensors``/``.ckpt`` file becomes a diffusers folder,
 and a diffusers folder becomes one ``.safetensors`` in the original LDM layout that
@@ -12,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from runai.cli.common import connect
+from runai.cli.common import ProgressLine, connect, end_progress
 
 
 def _size(n):
@@ -50,11 +51,42 @@ def models_command(args):
     return 0
 
 
+def loras_command(args):
+    with connect(args, timeout=120) as client:
+        files = client.loras()
+    if args.json:
+        print(json.dumps(files, indent=2))
+        return 0
+    if not files:
+        print("no LoRAs: the server's model folder holds no LoRA file (.safetensors, .pt or .ckpt)")
+        return 0
+    for f in files:
+        version = f.get("version") or "unknown"
+        print(f"<lora:{f['name']}:1>  {f['path']}  ({version}; {_size(f.get('size', 0))})")
+    return 0
+
+
+def embeddings_command(args):
+    with connect(args, timeout=120) as client:
+        listed = client.embeddings(args.model)
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    if not listed["loaded"] and not listed["skipped"]:
+        print("no embeddings: the server's model folder holds no embedding file (.pt, .bin or .safetensors)")
+        return 0
+    for state in ("loaded", "skipped"):
+        for name, e in sorted(listed[state].items()):
+            note = f"; does not fit {args.model}" if state == "skipped" else ""
+            print(f"{name}  ({e.get('vectors')} vector(s), {e.get('shape')} wide{note})")
+    return 0
+
+
 def _progress(step, total):
-    sys.stderr.write(f"\rconverting: stage {step}/{total}")
+    line = ProgressLine.current if ProgressLine.current is not None else ProgressLine()
+    line.show(f"converting: stage {step}/{total}")
     if step >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+        line.end()
 
 
 def convert_command(args):
@@ -85,6 +117,7 @@ def convert_command(args):
                   file=sys.stderr)
             return 1
     except ConvertError as e:
+        end_progress()
         print(f"runai convert: {e.message}", file=sys.stderr)
         return 1
     return 0
@@ -92,8 +125,19 @@ def convert_command(args):
 
 def add_commands(commands, common):
     m = commands.add_parser("models", parents=[common], help="list the server's models and what each is")
-    m.add_argument("--json", action="store_true", help="the server's answer as it is")
+    m.add_argument("--json", action="store_true", help="the server's answer as it is (default: one line each)")
     m.set_defaults(func=models_command)
+
+    lo = commands.add_parser("loras", parents=[common], help="list the server's LoRAs, as prompts name them")
+    lo.add_argument("--json", action="store_true", help="the server's answer as it is (default: one line each)")
+    lo.set_defaults(func=loras_command)
+
+    e = commands.add_parser("embeddings", parents=[common],
+                            help="list the server's textual-inversion embeddings, as prompts name them")
+    e.add_argument("-m", "--model", help="only say which this model takes (the rest are listed as not fitting; "
+                                         "default: every embedding, for no model in particular)")
+    e.add_argument("--json", action="store_true", help="the server's answer as it is (default: one line each)")
+    e.set_defaults(func=embeddings_command)
 
     c = commands.add_parser(
         "convert", help="convert a .safetensors/.ckpt into a diffusers folder, or a diffusers folder into "
@@ -102,6 +146,8 @@ def add_commands(commands, common):
     c.add_argument("src", help="a .safetensors or .ckpt file, or a diffusers folder")
     c.add_argument("dst", help="the diffusers folder, or the .safetensors file, to create (never overwritten)")
     c.add_argument("--model-dir", default="~/stablediffusion",
-                   help="where the base models' configs and tokenizer are (for a single-file source)")
-    c.add_argument("--half", action="store_true", help="write float16 weights (diffusers -> .safetensors)")
+                   help="where the base models' configs and tokenizer are (for a single-file source; "
+                        "default ~/stablediffusion)")
+    c.add_argument("--half", action="store_true",
+                   help="write float16 weights (diffusers -> .safetensors; default: as the source's)")
     c.set_defaults(func=convert_command)

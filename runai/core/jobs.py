@@ -67,6 +67,9 @@ class Job:
     """
 
     _serial = itertools.count(1)
+    # Bytes its door keeps for it beyond the request (what a reply repeats of the request):
+    # the queue's byte limits count them with the request's images.
+    held_bytes = 0
 
     def __init__(self, request, owner, listener):
         self.serial = next(self._serial)

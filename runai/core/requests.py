@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from runai import families
-from runai.core import errors
+from runai.core import errors, prompts
+from runai.core.hires import Hires, hires_request
 from runai.core.images import EncodedImage, check_image
 from runai.core.schedulers import SCHEDULERS
 from runai.families.base import Defaults
+from runai.models import embeddings, loras
 from runai.models.library import ModelLibrary
 from runai.models.paths import resolve_model, safety_checker_path
 
@@ -88,6 +90,7 @@ class GenerationRequest:
     module_paths: tuple = ()
     # Every this many steps a progress event carries a small preview of the picture; 0: none.
     preview_every: int = 0
+    hires: Optional[Hires] = None  # txt2img's second, larger pass (hires fix)
     strength: float = 0.8
     pos_x: int = 0
     pos_y: int = 0
@@ -96,6 +99,8 @@ class GenerationRequest:
     nsfw_filter: bool = False
     safety_checker: Optional[str] = None  # the checker's folder, when asked for and installed
     loras: tuple = ()  # runai.models.loras.LoraRef: the prompt's <lora:...>, each with its weights
+    # runai.models.embeddings.EmbeddingRef: the embeddings the prompts use that the model takes.
+    embeddings: tuple = ()
     id: object = None
 
     @property
@@ -152,7 +157,11 @@ def family_default_size(defaults, limits, multiple=None):
 
 
 def _scheduler(fields, family, defaults):
-    scheduler = fields.string("scheduler", default=defaults.scheduler, max_chars=64)
+    return _check_scheduler(fields.string("scheduler", default=defaults.scheduler, max_chars=64), family)
+
+
+def _check_scheduler(scheduler, family):
+    """``scheduler`` if it is a name runai knows and the model's family runs."""
     known = SCHEDULERS if family is None else {**SCHEDULERS, **family.schedulers}
     if scheduler not in known:
         raise errors.RunaiError(
@@ -195,6 +204,7 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
     defaults = family.defaults(classification) if family is not None else Defaults(size=DEFAULT_SIZE)
     prompt = fields.string("prompt", default="", max_chars=limits.max_prompt_chars)
     negative = fields.string("negative_prompt", default="", max_chars=limits.max_prompt_chars)
+    parsed = [_parse(fields, "prompt", prompt), _parse(fields, "negative_prompt", negative)]
     steps = fields.integer("steps", min(defaults.steps, limits.max_steps), 1, limits.max_steps)
     pixels = mask = None
     multiple = _multiple(family, limits)
@@ -237,6 +247,14 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         raise errors.RunaiError(errors.OUT_OF_RANGE, f"seed + number of images must not exceed {MAX_SEED}")
     scheduler = _scheduler(fields, family, defaults)
     distilled = defaults.distilled_scale
+    hires = None
+    if action == "txt2img":
+        hires = hires_request(fields, limits, width, height, steps, n_samples, multiple,
+                              lambda name: _check_scheduler(name, family),
+                              inpainting=bool(classification is not None and classification.inpainting))
+    if hires is not None:
+        parsed += [_parse(fields, "hr_prompt", hires.prompt),
+                   _parse(fields, "hr_negative_prompt", hires.negative_prompt)]
     modules, module_paths = resolve_modules(model_dir, fields.raw("modules"), fields.lookup("modules")[0])
     return GenerationRequest(
         id=id,
@@ -258,6 +276,7 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         modules=modules,
         module_paths=module_paths,
         preview_every=fields.integer("preview_every", 0, 0, limits.max_steps),
+        hires=hires,
         strength=strength,
         pos_x=fields.integer("pos_x", 0, -(2**31), 2**31 - 1),
         pos_y=fields.integer("pos_y", 0, -(2**31), 2**31 - 1),
@@ -265,7 +284,27 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
         mask=mask,
         nsfw_filter=nsfw_filter,
         safety_checker=safety_checker_path(model_dir) if nsfw_filter else None,
+        loras=_loras(model_dir, parsed[:2]),
+        embeddings=embeddings.resolve(model_dir, model_path, family, classification, parsed, model_name),
     )
+
+
+def _parse(fields, name, text):
+    """The :class:`runai.core.prompts.Prompt` of a prompt field; its errors name the field."""
+    try:
+        return prompts.parse(text)
+    except errors.RunaiError as e:
+        raise errors.RunaiError(e.code, f"{fields.lookup(name)[0]}: {e.message}") from None
+
+
+def _loras(model_dir, parsed):
+    """The LoRAs the prompt and the negative prompt name (A1111 applies both), resolved in
+    the model folder."""
+    networks = [network for prompt in parsed for network in prompt.networks]
+    if len(networks) > prompts.MAX_NETWORKS:
+        raise errors.RunaiError(errors.OUT_OF_RANGE, f"the prompts name {len(networks)} extra networks; "
+                                                     f"the limit is {prompts.MAX_NETWORKS}")
+    return loras.resolve(model_dir, networks) if networks else ()
 
 
 def convert_request(fields, model_dir, id=None):

@@ -23,6 +23,10 @@ def _input_bytes(request):
     return sum(len(image.data) for image in images if image is not None)
 
 
+def _held_bytes(job):
+    return _input_bytes(job.request) + job.held_bytes
+
+
 @implementer(IJobListener)
 class _JobLog(NullListener):
     """Logs how each job ended."""
@@ -80,10 +84,11 @@ class Core:
 
     # Jobs ------------------------------------------------------------------------------
 
-    def submit(self, request, owner, listener):
+    def submit(self, request, owner, listener, held_bytes=0):
         """Queue ``request`` for ``owner``; returns its Job, or raises RunaiError (the job
-        was not queued, and ``listener`` hears nothing of it)."""
-        self._check_input_bytes(owner, request)
+        was not queued, and ``listener`` hears nothing of it). ``held_bytes``: what the door
+        keeps for the job beyond the request, counted with its images."""
+        self._check_input_bytes(owner, _input_bytes(request) + held_bytes)
         if getattr(request, "nsfw_filter", False) and request.safety_checker is None:
             if self.refuse_unchecked:
                 raise errors.RunaiError(
@@ -97,6 +102,7 @@ class Core:
         if self.recorder is not None and not isinstance(request, ConvertRequest):
             listeners.append(self.recorder.listener(request))
         job = Job(request, owner, Listeners(*listeners))
+        job.held_bytes = held_bytes
         self.backend.submit(job)
         self._log_job(job)
         return job
@@ -115,13 +121,12 @@ class Core:
             self.log.debug("Job {serial} prompt: {prompt!r}, negative: {negative!r}", serial=job.serial,
                            prompt=request.prompt, negative=request.negative_prompt)
 
-    def _check_input_bytes(self, owner, request):
-        size = _input_bytes(request)
+    def _check_input_bytes(self, owner, size):
         if not size:
             return
         jobs = self.backend.jobs()
-        mine = sum(_input_bytes(job.request) for job in jobs if job.owner is owner)
-        everyone = sum(_input_bytes(job.request) for job in jobs)
+        mine = sum(_held_bytes(job) for job in jobs if job.owner is owner)
+        everyone = sum(_held_bytes(job) for job in jobs)
         if mine + size > self.max_queued_input_bytes_per_owner or everyone + size > self.max_queued_input_bytes:
             raise errors.RunaiError(
                 errors.QUEUE_FULL,

@@ -23,9 +23,11 @@ from twisted.logger import Logger
 from runai import families
 from runai.core import errors
 from runai.core.requests import GENERATION_ACTIONS
+from runai.engine import hires as hires_fix
 from runai.engine import modes
 from runai.engine.device import resolve_device, resolve_dtype
 from runai.engine.safety import SafetyChecker
+from runai.models import lora_apply
 from runai.models.cache import ModelLoader
 
 del offline  # imported for what importing it does
@@ -189,6 +191,7 @@ class Engine:
             # The parser checks this against the library's word; the model on disk may
             # have changed family since.
             raise errors.RunaiError(errors.BAD_REQUEST, f"{family.label} models do not run {request.scheduler!r}")
+        lora_apply.apply(self.loader, family, request.loras)  # merged, or taken out, before the text is encoded
         cls, mode_kwargs = modes.plan(base, request, inputs)
         pipe = self._modes.get(base, cls)
         pipe.scheduler = family.make_scheduler(request.scheduler, self._scheduler_config)
@@ -205,10 +208,14 @@ class Engine:
                 if is_cancelled():
                     raise errors.JobCancelled()
                 batch_seeds = seeds[batch * request.n_samples : (batch + 1) * request.n_samples]
-                images = self._denoise(
-                    pipe, request, batch_seeds, progress, on_progress, is_cancelled, mode_kwargs, text,
-                    images_left=len(seeds) - batch * request.n_samples,
-                )
+                if request.hires is not None:
+                    images = hires_fix.run(self, base, family, pipe, request, batch_seeds, progress, on_progress,
+                                           is_cancelled, mode_kwargs, text)
+                else:
+                    images = self._denoise(
+                        pipe, request, batch_seeds, progress, on_progress, is_cancelled, mode_kwargs, text,
+                        images_left=len(seeds) - batch * request.n_samples,
+                    )
                 images = [modes.finish(image, request, inputs) for image in images]
                 flags = self._check(request, images)
                 for k, image in enumerate(images):
@@ -244,11 +251,8 @@ class Engine:
     def _text(self, family, pipe, request):
         """The prompt's arguments to the pipeline, as the family encodes them: the text
         where it fits, which diffusers encodes; else embeddings encoded in chunks."""
-        text = family.text(pipe, request, self.device)
-        if "prompt_embeds" in text:
-            log.info("long prompt encoded in {n} chunks",
-                     n=text["prompt_embeds"].shape[1] // pipe.tokenizer.model_max_length)
-        return text
+        # A prompt encoded in chunks is logged as such by the family (its text never is).
+        return family.text(pipe, request, self.device)
 
     def _check(self, request, images):
         """Safety-checker flags per image, or None when not asked for or not installed."""
@@ -279,8 +283,12 @@ class Engine:
                                       text)
         return images
 
-    def _run_batch(self, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, text):
-        """Denoise one batch; returns its PIL images."""
+    def _run_batch(self, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, text,
+                   output_type="pil", per_run=None):
+        """Denoise one batch; returns its PIL images (its latents with ``output_type``
+        "latent"). ``per_run(pipeline)``: the steps one batch counts for in the progress
+        total (default: this pipeline's)."""
+        per_run = per_run or (lambda pipeline: pipeline.num_timesteps)
         # One generator per image: image k's noise depends on its seed alone, so it comes
         # out the same in a batch of 4 as alone (up to batched arithmetic).
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -296,9 +304,9 @@ class Engine:
                 # Here, in the worker: a linear map and a PNG of one pixel per latent.
                 preview = families.for_pipeline(pipeline).preview(
                     callback_kwargs["latents"], request.height, request.width)
-                on_progress(progress.done, progress.total(pipeline.num_timesteps), encode_png(preview))
+                on_progress(progress.done, progress.total(per_run(pipeline)), encode_png(preview))
             else:
-                on_progress(progress.done, progress.total(pipeline.num_timesteps))
+                on_progress(progress.done, progress.total(per_run(pipeline)))
             if is_cancelled():
                 raise errors.JobCancelled()
             return callback_kwargs
@@ -307,14 +315,15 @@ class Engine:
         # an error in between (out of memory) must not leave it there for the next request.
         vae_dtype = pipe.vae.dtype
         try:
+            # The family may repeat the prompt's embeddings itself (num_images_per_prompt 1).
+            call = {"num_images_per_prompt": len(seeds), **families.for_pipeline(pipe).batch_text(text, len(seeds))}
             with torch.inference_mode():
                 result = pipe(
-                    **text,
+                    **call,
                     **mode_kwargs,
-                    num_images_per_prompt=len(seeds),
                     num_inference_steps=request.steps,
                     generator=generators,
-                    output_type="pil",
+                    output_type=output_type,
                     callback_on_step_end=on_step_end,
                 )
         finally:

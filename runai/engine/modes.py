@@ -63,13 +63,15 @@ def plan(pipe, request, inputs):
     family = families.for_pipeline(pipe)
     modes = family.modes()
     cls, kwargs = _plan(pipe, family, modes, request, inputs)
-    if "height" in kwargs or _takes_size(cls):
+    if "height" in kwargs or takes_size(cls):
         # Every pipeline that takes a size gets the request's (img2img's input has it already).
         kwargs.update(height=request.height, width=request.width)
     return cls, dict(kwargs, **family.conditioning(request))
 
 
-def _takes_size(cls):
+def takes_size(cls):
+    """Whether pipeline class ``cls`` is called with a size (img2img's are not: their
+    input has it)."""
     return "height" in inspect.signature(cls.__call__).parameters
 
 

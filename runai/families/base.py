@@ -86,6 +86,10 @@ class Family:
     single_files = True
     #: diffusers loggers that quote the truncated part of a prompt (the engine filters them).
     prompt_loggers = ()
+    #: The text encoders that take textual-inversion embeddings, each with the key of its
+    #: vectors in a file that holds a set per encoder (``clip_l``, ``clip_g``), or None
+    #: where the family has one; empty: the family takes none (:mod:`runai.models.embeddings`).
+    embedding_encoders = ()
 
     # -- torch-free: the request parser, the library ------------------------------------
 
@@ -181,17 +185,32 @@ class Family:
         import torch
         from PIL import Image
 
-        latent = latents[:1].detach().float()
-        h, w = height // self.latent.downscale, width // self.latent.downscale
-        if self.latent.packed:
-            # (1, h/2 * w/2, channels * 4) -> (1, channels, h, w): 2x2 patches unpacked.
-            latent = latent.view(1, h // 2, w // 2, self.latent.channels, 2, 2)
-            latent = latent.permute(0, 3, 1, 4, 2, 5).reshape(1, self.latent.channels, h, w)
+        # (1, h/2 * w/2, channels * 4) -> (1, channels, h, w): 2x2 patches unpacked.
+        latent = self.unpack(latents[:1].detach().float(), height, width)
         factors = torch.tensor(self.latent.rgb_factors, dtype=latent.dtype, device=latent.device)
         bias = torch.tensor(self.latent.rgb_bias, dtype=latent.dtype, device=latent.device)
         rgb = torch.nn.functional.linear(latent[0].movedim(0, -1), factors.T, bias)
         pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
         return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+
+    def unpack(self, latents, height, width):
+        """``latents`` as (batch, channels, height / 8, width / 8), 2x2-packed ones unpacked."""
+        if not self.latent.packed:
+            return latents
+        h, w = height // self.latent.downscale, width // self.latent.downscale
+        batch = latents.shape[0]
+        latents = latents.view(batch, h // 2, w // 2, self.latent.channels, 2, 2)
+        return latents.permute(0, 3, 1, 4, 2, 5).reshape(batch, self.latent.channels, h, w)
+
+    def upscale_latents(self, latents, height, width, new_height, new_width, mode="bilinear", antialias=False):
+        """A first pass's latents resized for a picture of ``new_width`` x ``new_height``,
+        as the family's img2img pipeline takes them to start from (unpacked)."""
+        import torch
+
+        latents = self.unpack(latents, height, width)
+        size = (new_height // self.latent.downscale, new_width // self.latent.downscale)
+        options = dict(antialias=antialias) if mode in ("bilinear", "bicubic") else {}
+        return torch.nn.functional.interpolate(latents, size=size, mode=mode, **options)
 
     def conditioning(self, request):
         """Mode-independent call arguments beyond the size (size conditioning)."""
@@ -204,6 +223,12 @@ class Family:
     def text(self, pipe, request, device):
         """The prompt's call arguments: the text, or embeddings encoded here."""
         return dict(prompt=request.prompt, negative_prompt=request.negative_prompt)
+
+    def batch_text(self, text, count):
+        """:meth:`text`'s arguments for a batch of ``count`` images (a pipeline that does
+        not repeat the embeddings it is given gets them repeated here, and
+        ``num_images_per_prompt`` 1)."""
+        return text
 
     def mode_options(self, cls, request):
         """Extra call arguments for pipeline class ``cls``."""

@@ -13,7 +13,8 @@ latents, CLIP-L (pooled) and T5-XXL, a 16-channel VAE, flow matching.
   and there is no classifier-free guidance, so ``scale`` and the negative prompt are not
   used; schnell takes no guidance at all.
 - Prompts: the text, which diffusers encodes: CLIP sees its first 77 tokens, T5 up to 512
-  (256 for schnell).
+  (256 for schnell). A1111's syntax is read and its weights dropped: both encoders get
+  the plain text (CLIP gives only its pooled output); no embeddings.
 - Defaults: 1024 x 1024; dev 28 steps, schnell 4; flow Euler with the model's shift
   schedule. The samplers of :mod:`runai.families.flow` that take custom sigmas.
 - Modes: txt2img, img2img, inpaint, outpaint with the FLUX pipelines of each; a Fill model
@@ -98,8 +99,12 @@ class Flux(FlowFamily):
         return dict(guidance_scale=DISTILLED_SCALE if scale is None else scale)
 
     def text(self, pipe, request, device):
-        # No classifier-free guidance: the negative prompt has nothing to steer.
-        return dict(prompt=request.prompt)
+        # No classifier-free guidance: the negative prompt has nothing to steer. CLIP gives
+        # only its pooled output: both encoders get the text without A1111's syntax (its
+        # weights mean nothing to T5; LoRA tags are taken out).
+        from runai.core import prompts
+
+        return dict(prompt=prompts.parse(request.prompt).plain)
 
 
 FAMILY = Flux()

@@ -8,7 +8,8 @@
 - Single files (:mod:`runai.models.singlefile`): the LDM key layout
   (:mod:`runai.models.ldm_layout`), configs from a base model in the model folder or the
   SD 1.5 / 2.1 configs runai ships.
-- Prompts: longer than 75 tokens in chunks of 75 (:mod:`runai.families.clip_text`).
+- Prompts: A1111's syntax (weights, BREAK, embeddings), longer than 75 tokens in chunks
+  of 75 (:mod:`runai.families.clip_text`).
 - Defaults: 512 x 512, 20 steps, guidance 7.5, every scheduler runai names.
 """
 
@@ -26,6 +27,7 @@ class StableDiffusion(Family):
                         "StableDiffusionInpaintPipeline")
     prompt_loggers = ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
                       "diffusers.pipelines.stable_diffusion")
+    embedding_encoders = (("text_encoder", None),)
 
     def defaults(self, classification=None):
         return Defaults(size=512)
@@ -60,13 +62,15 @@ class StableDiffusion(Family):
         return dict(guidance_scale=request.scale, eta=request.ddim_eta)
 
     def text(self, pipe, request, device):
-        """The text where it fits, which diffusers encodes; else embeddings in chunks."""
+        """The text where it says nothing more and fits, which diffusers encodes; else
+        embeddings encoded here, in chunks, with weights and textual inversions."""
         from runai.families import clip_text
 
-        texts = (request.prompt, request.negative_prompt)
-        if not clip_text.needs_chunks(pipe.tokenizer, *texts):
-            return dict(prompt=request.prompt, negative_prompt=request.negative_prompt)
-        embeds, negative = clip_text.encode(pipe, request.prompt, request.negative_prompt, device)
+        texts = [clip_text.parsed(request.prompt), clip_text.parsed(request.negative_prompt)]
+        found = clip_text.vectors(pipe, request, self.embedding_encoders)
+        if clip_text.is_plain(texts, found) and clip_text.fits(pipe, texts):
+            return dict(prompt=texts[0].plain, negative_prompt=texts[1].plain)
+        embeds, negative = clip_text.encode(pipe, *texts, device, found)
         return dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
 
 

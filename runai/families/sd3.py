@@ -7,7 +7,8 @@ text encoders with projection and T5-XXL, a 16-channel VAE, flow matching.
   ``model.diffusion_model.joint_blocks.*`` keys (the text encoders, when inside, under
   ``text_encoders.clip_l.*``, ``text_encoders.clip_g.*``, ``text_encoders.t5xxl.*``).
 - Prompts: the text, which diffusers encodes: CLIP sees its first 77 tokens, T5 up to
-  256.
+  256. A1111's weights and embeddings (SDXL's pairs) go to both CLIP encoders (their
+  first chunk of 75 tokens), which runai encodes; T5 gets the text without the syntax.
 - Defaults: 1024 x 1024, 28 steps, guidance 7.0 (diffusers' own), flow Euler with the
   model's shift; the samplers of :mod:`runai.families.flow`.
 - Latents: 16 channels, ``z = (x - 0.0609) * 1.5305`` for SD3.5's VAE (the folder's
@@ -37,6 +38,8 @@ class StableDiffusion3(FlowFamily):
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                         "StableDiffusion3InpaintPipeline")
     prompt_loggers = (PIPELINE_MODULE, PIPELINE_MODULE + "_img2img", PIPELINE_MODULE + "_inpaint")
+    # SDXL's pairs of embeddings: the same two CLIP encoders.
+    embedding_encoders = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
     # Single files with their companions (VAE, CLIP, T5 beside them): runai.models.singlefile_flow.
     single_files = True
 
@@ -59,6 +62,49 @@ class StableDiffusion3(FlowFamily):
             StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline, StableDiffusion3Pipeline)
 
         return Modes(StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline)
+
+    def text(self, pipe, request, device):
+        """The text where it says nothing more, which diffusers encodes; else embeddings
+        encoded here: weights and textual inversions through both CLIP encoders, the
+        plain text through T5."""
+        from runai.families import clip_text
+
+        texts = [clip_text.parsed(request.prompt), clip_text.parsed(request.negative_prompt)]
+        found = clip_text.vectors(pipe, request, self.embedding_encoders)
+        if clip_text.is_plain(texts, found):
+            return dict(prompt=texts[0].plain, negative_prompt=texts[1].plain)
+        return encode(pipe, *texts, device, found)
+
+    def batch_text(self, text, count):
+        # The pipeline repeats the embeddings it encodes for each image, not those it is
+        # given (it takes their batch for the prompts'): they come repeated, one image each.
+        if "prompt_embeds" not in text or count == 1:
+            return text
+        repeated = {k: v.repeat(count, *([1] * (v.ndim - 1))) for k, v in text.items()}
+        return dict(repeated, num_images_per_prompt=1)
+
+
+def encode(pipe, prompt, negative_prompt, device, found=None, max_sequence_length=256):
+    """The four embeddings of ``StableDiffusion3Pipeline.encode_prompt`` (one row each), with
+    A1111's weights and embeddings in the CLIP encoders' hidden states: their first chunk,
+    as CLIP sees 77 tokens; T5 encodes the plain text. ``found``: the embeddings' vectors
+    (:func:`runai.families.clip_text.vectors`)."""
+    import torch
+
+    from runai.families import clip_text
+
+    texts = [clip_text.parsed(prompt), clip_text.parsed(negative_prompt)]
+    pairs = [(pipe.tokenizer, pipe.text_encoder, "clip_l"), (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")]
+    encoded = clip_text.encode_with(pairs, texts, found or {}, device, penultimate=True, limit=1)
+    out = {}
+    for (hidden, pooled), text, prefix in zip(encoded, texts, ("", "negative_")):
+        clip = torch.cat(hidden, dim=-1).to(dtype=pipe.text_encoder.dtype, device=device)
+        with torch.inference_mode():
+            t5 = pipe._get_t5_prompt_embeds(prompt=text.plain, max_sequence_length=max_sequence_length, device=device)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        out[prefix + "prompt_embeds"] = torch.cat([clip, t5], dim=-2)
+        out[prefix + "pooled_prompt_embeds"] = torch.cat(pooled, dim=-1)
+    return out
 
 
 FAMILY = StableDiffusion3()

@@ -8,7 +8,8 @@
 - Single files (:mod:`runai.models.singlefile_xl`): the SGM key layout
   (:mod:`runai.models.xl_layout`), configs and both tokenizers from SDXL 1.0 base in the
   model folder, or the configs runai ships with the two CLIP tokenizers.
-- Prompts: chunks of 75 tokens through both encoders, their penultimate hidden states
+- Prompts: A1111's syntax (weights, BREAK, embeddings: SDXL's ``clip_l``/``clip_g`` pairs),
+  chunks of 75 tokens through both encoders, their penultimate hidden states
   joined along the width as diffusers joins them; the pooled embedding is the second
   encoder's projected output of the first chunk (what diffusers computes for a prompt that
   fits, which is that first chunk). An empty negative prompt is zeros where the model
@@ -35,6 +36,7 @@ class StableDiffusionXL(Family):
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                         "StableDiffusionXLInpaintPipeline")
     prompt_loggers = (PIPELINE_MODULE, PIPELINE_MODULE + "_img2img", PIPELINE_MODULE + "_inpaint")
+    embedding_encoders = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
 
     def defaults(self, classification=None):
         return Defaults(size=1024)
@@ -91,50 +93,35 @@ class StableDiffusionXL(Family):
     def text(self, pipe, request, device):
         from runai.families import clip_text
 
-        texts = (request.prompt, request.negative_prompt)
-        if not any(clip_text.needs_chunks(t, *texts) for t in clip_text.tokenizers(pipe)):
+        texts = [clip_text.parsed(request.prompt), clip_text.parsed(request.negative_prompt)]
+        found = clip_text.vectors(pipe, request, self.embedding_encoders)
+        if clip_text.is_plain(texts, found) and clip_text.fits(pipe, texts):
             # No negative prompt is None to diffusers, which then zeroes the negative
             # embeddings (force_zeros_for_empty_prompt), as encode() does.
-            return dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None)
-        return encode(pipe, request.prompt, request.negative_prompt, device)
+            return dict(prompt=texts[0].plain, negative_prompt=texts[1].plain or None)
+        return encode(pipe, *texts, device, found)
 
 
-def encode(pipe, prompt, negative_prompt, device):
+def encode(pipe, prompt, negative_prompt, device, found=None):
     """The four embeddings an SDXL pipeline takes, as its keyword arguments: the prompt's
-    and the negative prompt's, of equal length, and their pooled embeddings; one row each."""
+    and the negative prompt's, of equal length, and their pooled embeddings; one row each.
+    ``found``: the embeddings' vectors (:func:`runai.families.clip_text.vectors`)."""
     import torch
 
     from runai.families import clip_text
 
-    chunks = max(clip_text.chunk_count(t, prompt, negative_prompt) for t in clip_text.tokenizers(pipe))
-    embeds, pooled = _embed(pipe, prompt, chunks, device)
-    if not negative_prompt and pipe.config.force_zeros_for_empty_prompt:
+    texts = [clip_text.parsed(prompt), clip_text.parsed(negative_prompt)]
+    pairs = [(pipe.tokenizer, pipe.text_encoder, "clip_l"), (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")]
+    encoded = clip_text.encode_with(pairs, texts, found or {}, device, penultimate=True)
+    dtype = pipe.unet.dtype
+    # Joined along the width as diffusers joins them; the pooled embedding is the second
+    # encoder's projected output (CLIPTextModelWithProjection), of the first chunk.
+    (embeds, pooled), (negative, negative_pooled) = [
+        (clip_text.joined(torch.cat(hidden, dim=-1), dtype), pools[-1].to(dtype)) for hidden, pools in encoded]
+    if not texts[1].plain and pipe.config.force_zeros_for_empty_prompt:
         negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-    else:
-        negative, negative_pooled = _embed(pipe, negative_prompt, chunks, device)
     return dict(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
                 negative_pooled_prompt_embeds=negative_pooled)
-
-
-def _embed(pipe, text, chunks, device):
-    import torch
-
-    from runai.families import clip_text
-
-    hidden = []
-    pooled = None
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        rows = clip_text.rows_of(tokenizer, text, chunks)
-        with torch.inference_mode():
-            out = encoder(torch.tensor(rows, device=device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        if out[0].ndim == 2:
-            # The projected pooled output (CLIPTextModelWithProjection), as diffusers takes
-            # it: the last encoder's, here of the first chunk.
-            pooled = out[0][:1]
-    joined = torch.cat(hidden, dim=-1)  # (chunks, 77, width 1 + width 2)
-    dtype = pipe.unet.dtype
-    return joined.reshape(1, -1, joined.shape[-1]).to(dtype), pooled.to(dtype)
 
 
 FAMILY = StableDiffusionXL()

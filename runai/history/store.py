@@ -41,12 +41,17 @@ def _jsonable(value):
     if all(hasattr(value, name) for name in ("data", "format", "width", "height")):
         # A client's input image (img2img pixels, a mask): described, not kept.
         return {"format": value.format, "width": value.width, "height": value.height, "bytes": len(value.data)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A part of a request (the hires pass): its fields, never a path on the server.
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "path"}
+    if isinstance(value, (list, tuple)) and all(dataclasses.is_dataclass(v) for v in value):
+        return [_jsonable(v) for v in value]
     return f"<{type(value).__name__}>"
 
 
 # Kept in their own columns, or not kept: absolute paths say where the user's files are,
 # and would leak into exported PNGs.
-_NOT_PARAMS = ("prompt", "negative_prompt", "id", "model_path", "safety_checker")
+_NOT_PARAMS = ("prompt", "negative_prompt", "id", "model_path", "safety_checker", "module_paths")
 
 
 def params_of(request):

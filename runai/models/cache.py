@@ -69,6 +69,7 @@ class Loaded:
     seconds: float
     modules: tuple = ()  # the companion files it was built with, as the client chose them
     dtype: object = None  # the precision it runs in (a family may need another than the default)
+    loras: object = None  # the LoRAs merged into its weights (runai.models.lora_apply.Merged)
 
 
 TEXT_ENCODER_PLACES = ("device", "cpu")
@@ -194,10 +195,12 @@ class ModelLoader:
         self.current = None
         self.load_count = 0
         self.loaded_paths = ()
+        self.loras = None  # LoRA files read (runai.models.lora_files.LoraStore): in the budget too
 
     @property
     def used_bytes(self):
-        return sum(entry.nbytes for entry in self._cache.values())
+        loras = self.loras.nbytes if self.loras is not None else 0
+        return sum(entry.nbytes for entry in self._cache.values()) + loras
 
     def get(self, model_path, model_name=None, modules=()):
         """The :class:`Loaded` entry of ``model_path``, from the cache or from disk.

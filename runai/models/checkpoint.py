@@ -146,6 +146,16 @@ def numpy_scalar(*args):
     return NumpyScalar()
 
 
+class ParameterDict(_Inert):
+    """torch's ``nn.ParameterDict``, in which textual-inversion embeddings saved with torch
+    1.11 and earlier keep their vectors: only its ``_parameters`` mapping is kept (the
+    unpickler has made its tensors already); nothing of a module is built."""
+
+    def __setstate__(self, state):
+        params = state.get("_parameters") if isinstance(state, dict) else None
+        self._parameters = dict(params) if isinstance(params, dict) else {}
+
+
 # Exactly the globals that Stable Diffusion 1.x checkpoints (saved by pytorch_lightning
 # with numpy 1.x, or re-saved with numpy 2.x) reference outside the tensors, each mapped
 # to an inert stand-in rather than to the real thing.
@@ -154,6 +164,7 @@ STAND_INS = [
     (numpy_scalar, "numpy.core.multiarray.scalar"),
     (numpy_scalar, "numpy._core.multiarray.scalar"),
     (NumpyDType, "numpy.dtype"),
+    (ParameterDict, "torch.nn.modules.container.ParameterDict"),
 ] + [
     (NumpyDType, f"numpy.dtypes.{name}DType")
     for name in ("Float64", "Float32", "Float16", "Int64", "Int32", "Int16", "Int8",
@@ -192,17 +203,34 @@ def load_state_dict(path):
 
     Raises CheckpointError, whose message says why (a refused global included).
     """
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        except (OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot read the checkpoint: {type(e).__name__}: {str(e)[:300]}")
+    obj = state_dict_of(load_object(path))
+    if not isinstance(obj, dict):
+        raise CheckpointError("the checkpoint holds no state dict")
+    import torch
+
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def load_object(path):
+    """The object in a torch pickle (``.ckpt``, ``.pt``, ``.bin``), on the CPU, through the
+    restricted unpickler: tensors, plain containers and numbers, and the inert stand-ins of
+    :data:`STAND_INS`. Raises CheckpointError, whose message says why (a refused global
+    included)."""
     import pickle
 
     suffix = os.path.splitext(str(path))[1].lower()
     try:
-        if suffix == SAFETENSORS_SUFFIX:
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
         if suffix not in CKPT_SUFFIXES:
             raise CheckpointError(f"not a checkpoint file type: {suffix!r}")
-        obj = _torch_load_restricted(str(path))
+        return _torch_load_restricted(str(path))
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
@@ -212,9 +240,3 @@ def load_state_dict(path):
         )
     except (OSError, RuntimeError, ValueError, EOFError) as e:
         raise CheckpointError(f"cannot read the checkpoint: {type(e).__name__}: {str(e)[:300]}")
-    obj = state_dict_of(obj)
-    if not isinstance(obj, dict):
-        raise CheckpointError("the checkpoint holds no state dict")
-    import torch
-
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}

@@ -107,6 +107,8 @@ def classify_state(shapes, metadata=None):
     metadata = metadata or {}
     keys = list(shapes)
     notes = []
+    if _non_pipeline_kind(shapes) == "lora":
+        return Classification(kind="lora")  # before the flow rules: a FLUX.1 LoRA may use BFL's names
     flow = _classify_flow_state(shapes)
     if flow is not None:
         return flow
@@ -203,10 +205,12 @@ def _non_pipeline_kind(shapes):
         "encoder.conv_in.weight" in shapes and "decoder.conv_out.weight" in shapes
     ):
         return "vae"
-    if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
-        return "lora"
+    if any("lora_" in k or ".lora." in k or "lora_A" in k or ".hada_w" in k or ".lokr_w" in k for k in keys):
+        return "lora"  # LyCORIS's LoHa and LoKr too
     if any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in keys):
         return "embedding"
+    if len(keys) == 1 and keys[0].startswith("<") and keys[0].endswith(">") and 1 <= len(shapes[keys[0]]) <= 2:
+        return "embedding"  # diffusers' learned_embeds: {"<token>": vectors}
     return UNKNOWN
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: runai.test.test_singlefile -*-
+# -*- test-case-name: runai.test.test_singlefile,runai.test.test_offline -*-
 """No model hub, ever, and no noise: the environment that keeps huggingface_hub offline,
 and diffusers' and transformers' own messages in runai's log rather than on stderr.
 
@@ -15,6 +15,7 @@ A variable already set in the environment is left as it is.
 
 import logging
 import os
+import re
 
 from twisted.logger import Logger, LogLevel
 
@@ -35,9 +36,18 @@ for _name, _value in ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
 
 
+# Notices a user can do nothing about: runai needs no torchvision (transformers falls back
+# to PIL image processors), and casts no model with fp32 modules to keep. Not logged.
+_IDLE_NOTICES = (
+    re.compile(r"requires torchvision \(not installed\)"),
+    re.compile(r"that should be kept in float32: \[\]"),
+)
+
+
 class _ToTheLog(logging.Handler):
     """diffusers' and transformers' own log records, into runai's log: at warning level
-    at most (a library's notice is not the server's error), each message once."""
+    at most (a library's notice is not the server's error), each message once, and none
+    of :data:`_IDLE_NOTICES`."""
 
     def __init__(self):
         super().__init__()
@@ -45,11 +55,11 @@ class _ToTheLog(logging.Handler):
 
     def emit(self, record):
         message = record.getMessage()
-        if message in self.seen:
+        if message in self.seen or any(notice.search(message) for notice in _IDLE_NOTICES):
             return
         self.seen.add(message)
         level = LogLevel.warn if record.levelno >= logging.WARNING else LogLevel.debug
-        _log.emit(level, "{library}: {message}", library=record.name, message=message)
+        _log.emit(level, "{library}: {notice}", library=record.name, notice=message)
 
 
 def _route_library_logs():

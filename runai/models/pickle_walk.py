@@ -37,7 +37,10 @@ class _Global:
 
 
 class _Opaque:
-    """Whatever a pickle would have built by calling something: never built here."""
+    """Whatever a pickle would have built by calling something: never built here. The
+    state a pickle gives it (``BUILD``) is kept as data, where it is a dict."""
+
+    state = None
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,9 @@ def walk(stream, max_ops=MAX_PICKLE_OPS):
             del stack[-2:]
             stack[-1] = _Opaque()
         elif name == "BUILD":
-            stack.pop()
+            state = stack.pop()
+            if isinstance(stack[-1], _Opaque) and isinstance(state, dict):
+                stack[-1].state = state
         elif name in ("OBJ", "INST"):
             pop_mark()
             stack.append(_Opaque())
@@ -231,8 +236,19 @@ class _BoundedReader:
         return data
 
 
-def ckpt_tensor_shapes(path):
-    """``{name: shape}`` of the tensors in a torch ``.ckpt``, without unpickling it."""
+def tensor_shape(value):
+    """The shape of a tensor in what :func:`read_object` returns; None for anything else."""
+    return value.shape if isinstance(value, _TensorStub) else None
+
+
+def opaque_state(value):
+    """The state (a dict) a pickle gave an object it would have built, or None."""
+    return value.state if isinstance(value, _Opaque) else None
+
+
+def read_object(path):
+    """The object a torch pickle file (``.ckpt``, ``.pt``, ``.bin``) describes, with tensors
+    as stubs (:func:`tensor_shape`) and every call left undone."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -242,23 +258,25 @@ def ckpt_tensor_shapes(path):
                 entry = min(entries, key=lambda i: i.filename.count("/"))
                 if entry.file_size > MAX_PICKLE_BYTES:
                     raise CheckpointError("the checkpoint's pickle is too large to classify")
-                obj = walk(io.BytesIO(archive.read(entry)))
-        else:
-            # The pre-1.6 format: a magic number, a protocol version and system info,
-            # each a pickle of its own, then the object.
-            with open(path, "rb") as f:
-                reader = _BoundedReader(f)
-                for _ in range(3):
-                    walk(reader)
-                obj = walk(reader)
+                return walk(io.BytesIO(archive.read(entry)))
+        # The pre-1.6 format: a magic number, a protocol version and system info,
+        # each a pickle of its own, then the object.
+        with open(path, "rb") as f:
+            reader = _BoundedReader(f)
+            for _ in range(3):
+                walk(reader)
+            return walk(reader)
     except CheckpointError:
         raise
     except (OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"cannot read the file: {getattr(e, 'strerror', None) or e}")
     except (ValueError, IndexError, KeyError, EOFError, struct.error, UnicodeDecodeError) as e:
         raise CheckpointError(f"not a readable torch checkpoint ({type(e).__name__})")
-    obj = state_dict_of(obj)
+
+
+def ckpt_tensor_shapes(path):
+    """``{name: shape}`` of the tensors in a torch ``.ckpt``, without unpickling it."""
+    obj = state_dict_of(read_object(path))
     if not isinstance(obj, dict):
         raise CheckpointError("the checkpoint holds no state dict")
     return {k: v.shape for k, v in obj.items() if isinstance(k, str) and isinstance(v, _TensorStub)}
-

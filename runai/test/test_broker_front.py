@@ -338,3 +338,148 @@ class LostTests(BrokerTestCase):
         yield wait_until(lambda: client.xlen(self.setup.keys.jobs) == 0)
         self.assertEqual(engine.requests, [])
         self.assertEqual(client.xpending(self.setup.keys.jobs, wire.GROUP)["pending"], 0)
+
+
+def _logged(test):
+    """Every event logged from now until ``test`` ends."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+def _lines(events, level):
+    from twisted.logger import formatEvent
+
+    return [formatEvent(e) for e in events if e.get("log_level") == level]
+
+
+class PoisonTests(BrokerTestCase):
+    """What a damaged or foreign entry in Redis does: it is dropped with one line in the
+    log, and fronts and workers go on serving."""
+
+    @defer.inlineCallbacks
+    def test_malformed_reply_entries_are_dropped_and_the_front_reads_on(self):
+        from twisted.logger import LogLevel
+
+        events = _logged(self)
+        front = self.setup.front()
+        yield self.ready(front)
+        client = self.redis.client()
+        reply = self.setup.keys.reply(front.front)
+        key = f"{front.front}-x"
+        poison = [
+            {b"\xff\xfe": b"1"},  # a field name that is not UTF-8
+            {b"v": b"\xff"},
+            {b"v": b"1", b"key": b"\xff", b"attempt": b"a", b"type": b"progress", b"data": b'{"step": 1, "total": 2}'},
+            {b"v": b"1", b"key": key, b"attempt": b"a", b"type": b"progress"},  # no data
+            {b"v": b"1", b"key": key, b"attempt": b"a", b"type": b"progress", b"data": b"[1, 2]"},
+            {b"v": b"1", b"key": key, b"attempt": b"a", b"type": b"progress", b"data": b'{"step": "x", "total": 2}'},
+            {b"v": b"1", b"key": key, b"attempt": b"a", b"type": b"done", b"data": b'{"result": 1, "seconds": NaN}'},
+            {b"v": b"1", b"key": key, b"attempt": b"a", b"type": b"image", b"data": b'{"seed": 1, "extra": 2}'},
+            {b"v": b"1", b"key": key, b"attempt": b"a", b"type": b"\xff", b"data": b"{}"},
+            {b"v": b"1", b"key": key, b"attempt": b"a", b"type": b"start", b"data": b"\xff"},
+        ]
+        for fields in poison:
+            client.xadd(reply, fields)
+        yield wait_until(lambda: client.xlen(reply) == 0)
+        dropped = [line for line in _lines(events, LogLevel.warn) if "malformed entry" in line]
+        self.assertEqual(len(dropped), len(poison), dropped)
+        self.assertEqual(_lines(events, LogLevel.critical), [])
+        # The front answers as before.
+        self.setup.consumer(SlowEngine(), "w1")
+        self.submit(front, "a", steps=2)
+        yield wait_until(lambda: self.recorder.ended("a"))
+        self.assertEqual(self.recorder.of("a")[-1][1:], ("done", 1))
+
+    @defer.inlineCallbacks
+    def test_malformed_job_entries_are_acknowledged_and_dropped(self):
+        from twisted.logger import LogLevel
+
+        events = _logged(self)
+        front = self.setup.front()
+        yield self.ready(front)
+        client = self.redis.client()
+        jobs = self.setup.keys.jobs
+        client.xgroup_create(jobs, wire.GROUP, id="0", mkstream=True)
+        poison = [
+            {b"\xff\xfe": b"1"},  # a field name that is not UTF-8
+            {b"v": b"1", b"key": b"\xff\xfe", b"front": front.front.encode()},
+            {b"v": b"1", b"key": b"k"},  # no front
+            {b"v": b"1", b"front": front.front.encode()},  # no key
+        ]
+        for fields in poison:
+            client.xadd(jobs, fields)
+        engine = SlowEngine()
+        consumer = self.setup.consumer(engine, "w1", deadline=0.3)
+        self.submit(front, "a", steps=2)
+        yield wait_until(lambda: self.recorder.ended("a"))
+        self.assertEqual(self.recorder.of("a")[-1][1:], ("done", 1))
+        yield wait_until(lambda: consumer.current is None and client.xlen(jobs) == 0)
+        self.assertEqual(client.xpending(jobs, wire.GROUP)["pending"], 0)
+        dropped = [line for line in _lines(events, LogLevel.warn) if "malformed job entry" in line]
+        self.assertEqual(len(dropped), len(poison), dropped)
+        self.assertEqual(_lines(events, LogLevel.critical), [])
+        self.assertEqual([r.prompt for r in engine.requests], ["a"])
+
+    @defer.inlineCallbacks
+    def test_a_job_of_the_wrong_types_fails_once_to_its_front(self):
+        from twisted.logger import LogLevel
+
+        events = _logged(self)
+        front = self.setup.front()
+        yield self.ready(front)
+        job = self.submit(front, "a", steps=2)
+        yield wait_until(lambda: front._flights and next(iter(front._flights.values())).entry is not None)
+        flight = next(iter(front._flights.values()))
+        client = self.redis.client()
+        # Damage the entry before a worker takes it: a string where a number belongs.
+        [(entry, fields)] = client.xrange(self.setup.keys.jobs)
+        request = __import__("json").loads(fields[b"request"])
+        request["steps"] = "many"
+        fields[b"request"] = __import__("json").dumps(request).encode()
+        client.xdel(self.setup.keys.jobs, entry)
+        client.xadd(self.setup.keys.jobs, fields)
+        engine = SlowEngine()
+        self.setup.consumer(engine, "w1")
+        yield wait_until(lambda: self.recorder.ended("a"))
+        self.assertEqual(self.recorder.of("a")[-1][1:], ("failed", errors.INTERNAL))
+        self.assertIn("'steps' is not int", self.recorder.messages[-1])
+        self.assertEqual(engine.requests, [])
+        self.assertEqual(_lines(events, LogLevel.critical), [])
+        self.assertIs(job.listener, self.recorder)
+        self.assertEqual(flight.key, fields[b"key"].decode())
+
+    @defer.inlineCallbacks
+    def test_a_malformed_worker_key_does_not_stop_the_poll(self):
+        front = self.setup.front()
+        yield self.ready(front)
+        client = self.redis.client()
+        client.sadd(self.setup.keys.workers, b"bad", b"\xff")
+        client.set(self.setup.keys.worker("bad"), b"\xff not json")
+        reads = front._reads
+        self.setup.consumer(SlowEngine(), "w1")
+        yield wait_until(lambda: "w1" in front.workers and "bad" in front.workers and front._reads > reads)
+        self.assertTrue(front.available)
+        self.submit(front, "a", steps=2)
+        yield wait_until(lambda: self.recorder.ended("a"))
+        self.assertEqual(self.recorder.of("a")[-1][1:], ("done", 1))
+        self.assertEqual(front.loaded_models(), ())
+
+
+class CutOffTests(BrokerTestCase):
+    @defer.inlineCallbacks
+    def test_a_running_job_cut_off_by_a_redis_restart_fails_as_broker_unavailable(self):
+        engine = SlowEngine(step_seconds=0.05)
+        front = self.setup.front()
+        self.setup.consumer(engine, "w1")
+        yield self.ready(front)
+        self.submit(front, "a", steps=400)
+        yield wait_until(lambda: self.recorder.of("a", "progress"))
+        self.redis.stop()
+        yield wait_until(lambda: not front.available)
+        self.redis.start()  # empty: the job's entry, the front's key, its place in the queue are gone
+        yield wait_until(lambda: self.recorder.ended("a"), timeout=20)
+        self.assertEqual(self.recorder.of("a")[-1][1:], ("failed", errors.BROKER_UNAVAILABLE), self.recorder.messages)

@@ -8,6 +8,8 @@ from runai.broker import wire
 from runai.core import errors
 from runai.core.images import EncodedImage
 from runai.core.requests import GenerationRequest
+from runai.models import loras
+from runai.test.lora_fixtures import write_lora_header
 from runai.test.support import FakeImage
 
 
@@ -57,6 +59,20 @@ class RequestTests(SynchronousTestCase):
             e = self.assertRaises(errors.RunaiError, job.request, self.models)
             self.assertEqual(e.code, code)
 
+    def test_loras_travel_by_name_and_are_found_in_the_workers_folder(self):
+        write_lora_header(os.path.join(self.models, "loras", "style.safetensors"))
+        ref = loras.LoraRef(name="style", path="/the/front/models/loras/style.safetensors", te=0.5, unet=0.75)
+        fields = wire.encode_job(self.request(loras=(ref,)), "k", "f")
+        self.assertNotIn(b"/the/front", b"".join(v if isinstance(v, bytes) else str(v).encode()
+                                                 for v in fields.values()))
+        decoded = wire.decode_job(redis_like(fields)).request(self.models)
+        self.assertEqual(decoded.loras, (loras.LoraRef(
+            name="style", path=os.path.join(self.models, "loras", "style.safetensors"), te=0.5, unet=0.75),))
+        missing = wire.decode_job(redis_like(wire.encode_job(self.request(loras=(
+            loras.LoraRef(name="gone", path="/x", te=1.0, unet=1.0),)), "k", "f")))
+        self.assertEqual(self.assertRaises(errors.RunaiError, missing.request, self.models).code,
+                         errors.MODEL_NOT_FOUND)
+
     def test_another_version_is_refused(self):
         fields = dict(wire.encode_job(self.request(), "k", "f"), v=99)
         e = self.assertRaises(errors.RunaiError, wire.decode_job(redis_like(fields)).request, self.models)
@@ -84,3 +100,57 @@ class EventTests(SynchronousTestCase):
     def test_malformed_events_are_refused(self):
         self.assertRaises(wire.WireError, wire.decode_event, {b"v": b"1", b"type": b"progress"})
         self.assertRaises(wire.WireError, wire.decode_event, {b"v": b"2"})
+
+
+class DamagedTests(SynchronousTestCase):
+    """Entries that no front or worker of this version wrote: refused with WireError, never
+    another exception (which would leave the entry to be taken again and again)."""
+
+    setUp = RequestTests.setUp
+    request = RequestTests.request
+
+    def test_names_and_values_that_are_not_utf8(self):
+        fields = redis_like(wire.encode_job(self.request(), "k", "f"))
+        for damaged in ({**fields, b"\xff\xfe": b"1"}, {**fields, b"key": b"\xff"}, {**fields, b"front": b"\xfe"}):
+            self.assertRaises(wire.WireError, wire.decode_job, damaged)
+        job = wire.decode_job({**fields, b"v": b"\xff"})
+        self.assertRaises(wire.WireError, job.request, self.models)
+        job = wire.decode_job({**fields, b"request": b"\xff{"})
+        self.assertRaises(wire.WireError, job.request, self.models)
+
+    def test_scalars_of_the_wrong_type(self):
+        import json
+
+        fields = redis_like(wire.encode_job(self.request(), "k", "f"))
+        for name, value in (("steps", "7"), ("steps", True), ("scale", None), ("scale", float("nan")),
+                            ("prompt", 5), ("nsfw_filter", 1), ("modules", "vae"), ("model_name", ["v1/tiny"])):
+            scalars = json.loads(fields[b"request"])
+            scalars[name] = value
+            job = wire.decode_job({**fields, b"request": json.dumps(scalars).encode()})
+            e = self.assertRaises(wire.WireError, job.request, self.models)
+            self.assertIn(repr(name), e.message)
+        scalars = json.loads(fields[b"request"])
+        scalars["distilled_scale"] = None  # Optional: None is its value
+        self.assertIsNone(wire.decode_job({**fields, b"request": json.dumps(scalars).encode()})
+                          .request(self.models).distilled_scale)
+
+    def test_events_with_missing_or_mistyped_data(self):
+        base = {b"v": b"1", b"key": b"k", b"attempt": b"a"}
+        damaged = [
+            {b"\xff": b"1", **base},
+            {**base, b"type": b"progress", b"data": b'{"step": 1}'},
+            {**base, b"type": b"progress", b"data": b'{"step": "1", "total": 2}'},
+            {**base, b"type": b"progress", b"data": b'[1, 2]'},
+            {**base, b"type": b"start", b"data": b'{"worker": "w", "deliveries": true}'},
+            {**base, b"type": b"done", b"data": b'{"result": 1, "seconds": Infinity}'},
+            {**base, b"type": b"failed", b"data": b'{"code": 5, "message": "x"}'},
+            {**base, b"type": b"image", b"data": b'{"seed": 1, "width": 2, "height": 3, "index": 0}'},  # no png
+            {**base, b"type": b"image", b"png": b"x", b"data": b'{"seed": 1, "width": 2, "height": 3, "index": 0, '
+                                                               b'"more": 1}'},
+            {**base, b"type": b"teleport", b"data": b"{}"},
+            {**base, b"type": b"\xff", b"data": b"{}"},
+            {**base, b"key": b"\xff", b"type": b"progress", b"data": b'{"step": 1, "total": 2}'},
+            {**base, b"type": b"progress", b"data": b'\xff'},
+        ]
+        for fields in damaged:
+            self.assertRaises(wire.WireError, wire.decode_event, fields)

@@ -102,6 +102,7 @@ class RealLayoutTests(SynchronousTestCase):
         self.assertEqual(self.classify(lora).kind, "lora")
         self.assertEqual(self.classify({"string_to_param.*": (1, 768)}).kind, "embedding")
         self.assertEqual(self.classify({"something": (1,)}).kind, "unknown")
+        self.assertEqual(self.classify({"<cat-toy>": (768,)}).kind, "embedding")  # diffusers' learned_embeds
 
     def test_folder_says_v1_weights_say_v2(self):
         models = self.dir

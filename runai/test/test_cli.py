@@ -164,3 +164,62 @@ class ServerErrorTests(SynchronousTestCase):
         self.patch(main.sys, "stderr", stderr)
         self.assertEqual(main.main(["ping"]), 1)
         self.assertEqual(stderr.getvalue(), "runai: the server failed: an unexpected failure (logged) (internal)\n")
+
+
+class TokenFileTests(SynchronousTestCase):
+    """A token file that cannot be one: one line naming it, before anything is sent."""
+
+    def setUp(self):
+        self.patch(os, "environ", {})
+        self.stderr = io.StringIO()
+        self.patch(main.sys, "stderr", self.stderr)
+        self.connected = []
+        self.patch(common, "BlockingClient", lambda *args, **kwargs: self.connected.append(args))
+
+    def file(self, data):
+        path = os.path.realpath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def test_missing_binary_empty_or_a_folder(self):
+        folder = os.path.realpath(self.mktemp())
+        os.makedirs(folder)
+        for path, said in ((folder + "/missing", "no such file"), (self.file(b"\xff\xfe\x00\x01"), "is not text"),
+                           (self.file(b" \n"), "is empty"), (folder, "is a folder"),
+                           (self.file(b"two\nlines"), "one line")):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertEqual(main.main(["ping", "--token-file", path]), 1, path)
+            [line] = self.stderr.getvalue().splitlines()
+            self.assertTrue(line.startswith(f"runai: --token-file {path}") and said in line, line)
+            self.assertNotIn("Errno", line)
+        self.assertEqual(self.connected, [])
+
+
+class HelpTests(SynchronousTestCase):
+    def test_every_option_has_help_and_says_its_default(self):
+        import argparse
+
+        missing = []
+
+        def walk(parser, path):
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    for name, sub in action.choices.items():
+                        walk(sub, f"{path} {name}")
+                elif not isinstance(action, argparse._HelpAction):
+                    said = action.help and (action.required or not action.option_strings or "default" in action.help)
+                    if not said:
+                        missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        walk(main.parser(), "runai")
+        self.assertEqual(missing, [])
+
+    def test_history_list_limit_zero_is_out_of_range(self):
+        stderr = io.StringIO()
+        self.patch(main.sys, "stderr", stderr)
+        for argv in (["history", "list", "--limit", "0"], ["history", "list", "--limit", "-3"],
+                     ["history", "export", "out", "--before", "0"], ["history", "delete", "0"]):
+            self.assertRaises(SystemExit, main.parser().parse_args, argv)
+        self.assertIn("out of range: must be 1 or more, not 0", stderr.getvalue())
+        self.assertEqual(main.parser().parse_args(["history", "list", "--limit", "1"]).limit, 1)

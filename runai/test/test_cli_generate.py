@@ -72,11 +72,16 @@ class FakeClient:
         return self.images
 
 
+# What the command sends as it is: files that start as a PNG does.
+PICTURE = b"\x89PNG\r\n\x1a\npicture bytes"
+MASK = b"\x89PNG\r\n\x1a\nmask bytes"
+
+
 class CommandTests(SynchronousTestCase):
     def setUp(self):
         self.folder = os.path.realpath(self.mktemp())
         os.makedirs(self.folder)
-        self.picture = self.file("picture.png", b"picture bytes")
+        self.picture = self.file("picture.png", PICTURE)
         self.client = FakeClient([ClientImage(b"png %d" % k, 7 + k, 64, -8) for k in range(4)])
         self.connects = []
         self.patch(generate, "connect", lambda args, timeout: self.connects.append(args) or self.client)
@@ -116,20 +121,20 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(action, "img2img")
         self.assertEqual((options["img2img_pixels"], options["img2img_strength"], options["img2img_negative_prompt"],
                           options["img2img_scheduler"], options["img2img_n_iter"]),
-                         (base64.b64encode(b"picture bytes").decode(), 0.4, "fog", "ddim", 1))
+                         (base64.b64encode(PICTURE).decode(), 0.4, "fog", "ddim", 1))
         self.assertNotIn("img2img_mask", options)
         self.assertEqual(self.read("out.png"), b"png 0")
         self.assertEqual(self.stdout.getvalue(), f"{out} (seed 7)\n")
 
     def test_inpaint_sends_the_mask_and_the_negative_aliases_work(self):
-        mask = self.file("mask.png", b"mask bytes")
+        mask = self.file("mask.png", MASK)
         for flag in ("-n", "--negative", "--negative-prompt"):
             self.client.requests.clear()
             self.assertEqual(self.run_cli("--init-image", self.picture, "--mask", mask, flag, "fog", "--force",
                                           "-o", os.path.join(self.folder, "in.png")), 0)
             action, options = self.sent()
             self.assertEqual((action, options["inpaint_mask"], options["inpaint_negative_prompt"]),
-                             ("inpaint", base64.b64encode(b"mask bytes").decode(), "fog"))
+                             ("inpaint", base64.b64encode(MASK).decode(), "fog"))
 
     def test_outpaint_sends_and_prints_the_position(self):
         self.assertEqual(self.run_cli("--init-image", self.picture, "--outpaint", "--pos-x", "64", "--pos-y", "-8",
@@ -254,3 +259,55 @@ class GenerateEndToEndTests(SynchronousTestCase):
         self.assertEqual(refused.returncode, 1)
         self.assertIn("runai: the server refused: steps x strength", refused.stderr)
         self.assertIn("(out_of_range)", refused.stderr)
+
+
+class RoughEdgeTests(SynchronousTestCase):
+    """What a newcomer meets: errors that name the flags typed, input files checked before
+    anything is sent, progress that ends before an error."""
+
+    setUp, file, run_cli = CommandTests.setUp, CommandTests.file, CommandTests.run_cli
+
+    def test_a_file_that_is_not_a_picture_is_refused_before_connecting(self):
+        notes = self.file("notes.txt", b"not a picture at all")
+        for argv, named in ((["--init-image", notes], "--init-image"),
+                            (["--init-image", self.picture, "--mask", notes], "--mask")):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertEqual(self.run_cli(*argv, "-o", os.path.join(self.folder, "x.png")), 1)
+            self.assertEqual(self.stderr.getvalue(), f"runai: {named} {notes} is not a picture: PNG, JPEG or WebP\n")
+        self.assertEqual(self.connects, [])
+        webp = self.file("p.webp", b"RIFF\x10\x00\x00\x00WEBPVP8 ")
+        self.assertEqual(self.run_cli("--init-image", webp, "-o", os.path.join(self.folder, "w.png")), 0)
+
+    def test_the_servers_errors_name_the_flags(self):
+        for message, said in (
+                ("option 'img2img_width' must be between 64 and 2048, not 100", "--width must be between 64 and 2048"),
+                ("option 'img2img_n_samples' must be between 1 and 8, not 9", "--n-samples must be between 1 and 8"),
+                ("option 'img2img_negative_prompt' is longer than 20000 characters", "--negative-prompt is longer"),
+                ("option 'pos_x' must be an integer", "--pos-x must be an integer"),
+                ("option 'img2img_pixels' is not valid base64", "--init-image is not valid base64")):
+            self.client.error = ServerError(errors.OUT_OF_RANGE, message)
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertEqual(self.run_cli("--init-image", self.picture, "-o", os.path.join(self.folder, "o.png")), 1)
+            line = self.stderr.getvalue()
+            self.assertIn(said, line)
+            self.assertNotIn("img2img_", line)
+
+    def test_progress_ends_before_an_error_or_interrupted(self):
+        def failing(request, on_message=None):
+            on_message({"action": 4, "step": 3, "total": 20})
+            raise ServerError(errors.INTERNAL, "it broke")
+        self.client.run = failing
+        self.assertEqual(main.main(["generate", "x", "-m", "v1/tiny", "-o", os.path.join(self.folder, "a.png")]), 1)
+        self.assertTrue(self.stderr.getvalue().endswith("step 3/20\nrunai: the server failed: it broke (internal)\n"),
+                        self.stderr.getvalue())
+
+        def interrupted(request, on_message=None):
+            on_message({"action": 4, "step": 5, "total": 20})
+            raise KeyboardInterrupt()
+        self.client.run = interrupted
+        self.stderr.truncate(0)
+        self.stderr.seek(0)
+        self.assertEqual(main.main(["generate", "x", "-m", "v1/tiny", "-o", os.path.join(self.folder, "b.png")]), 130)
+        self.assertTrue(self.stderr.getvalue().endswith("step 5/20\nrunai: interrupted\n"), self.stderr.getvalue())

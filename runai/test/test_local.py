@@ -132,6 +132,33 @@ class StopTests(TestCase):
         self.assertLess(time.monotonic() - began, 5)
         self.assertFalse(any(thread.is_alive() for thread in worker.pool.threads))
 
+    @inlineCallbacks
+    def test_a_worker_still_loading_stops_at_once_without_a_warning(self):
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        warnings = []
+        observe = lambda event: event.get("log_level") == LogLevel.warn and warnings.append(event)  # noqa: E731
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        loading, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def slow_engine(device, dtype):
+            loading.set()
+            release.wait(30)  # torch importing, on a slow disk
+            return ScriptedEngine()
+        worker = LocalWorker(reactor, engine_factory=slow_engine, stop_timeout=0.5)
+        worker.startService()
+        warmed = worker.warm_up()
+        yield threads.deferToThread(loading.wait, 10)
+        began = time.monotonic()
+        yield worker.stopService()
+        self.assertLess(time.monotonic() - began, 0.3)
+        release.set()
+        yield warmed
+        yield task.deferLater(reactor, 0.6, lambda: None)  # past the stop timeout: nothing more is said
+        self.assertEqual(warnings, [])
+
 
 class Failed(NullListener):
     def __init__(self):

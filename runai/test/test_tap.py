@@ -66,6 +66,33 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(OptionError, self.parse, "--token-file", path)
         self.assertRaises(OptionError, self.parse, "--token-file", path + "-missing")
 
+    def test_a_token_file_that_cannot_be_one_is_said_in_one_line(self):
+        folder = os.path.realpath(self.mktemp())
+        os.makedirs(folder)
+        cases = [(folder + "/missing", "no such file"), (folder, "is a folder"), ("\xff\xfe\x00 binary", "is not text"),
+                 ("", "is empty"), ("  \n", "is empty"), ("short", "at least 16 characters")]
+        for content, said in cases:
+            path = content if content.startswith(folder) else os.path.join(folder, f"token-{len(said)}")
+            if not content.startswith(folder):
+                with open(path, "wb") as f:
+                    f.write(content.encode("latin-1"))
+            e = self.assertRaises(OptionError, self.parse, "--token-file", path)
+            self.assertTrue(e.message.startswith(f"--token-file {path}") and said in e.message, e.message)
+            self.assertNotIn("Errno", e.message)
+
+    def test_a_model_dir_that_is_a_file_is_refused(self):
+        path = os.path.realpath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("not a folder")
+        e = self.assertRaises(OptionError, self.parse, "--model-dir", path)
+        self.assertEqual(e.message, f"--model-dir {path} is a file, not a folder: give the folder that holds the models")
+        from runai.broker.worker_tap import Options as WorkerOptions
+
+        e = self.assertRaises(OptionError, WorkerOptions().parseOptions, ["--broker", "redis://127.0.0.1:1/0",
+                                                                          "--model-dir", path])
+        self.assertIn("is a file, not a folder", e.message)
+        self.assertEqual(self.parse("--model-dir", path + "-later")["model-dir"], path + "-later")  # may come later
+
     def test_make_service(self):
         from twisted.internet.testing import MemoryReactorClock
         reactor = MemoryReactorClock()
@@ -173,6 +200,21 @@ class HttpOptionTests(SynchronousTestCase):
         site = with_http[3].factory
         self.assertIs(site.resource.children[b"sdapi"].children[b"v1"].core, with_http[2].factory.core)
         self.assertRaises(OptionError, tap.Options().parseOptions, ["--http", "nonsense:1"])
+
+    def test_the_http_door_follows_the_idle_timeout_and_listens_with_a_deep_backlog(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from runai.doors.http.site import BACKLOG
+
+        reactor = MemoryReactorClock()
+        options = tap.Options()
+        options.parseOptions(["--port", "0", "--http", "tcp:7860:interface=127.0.0.1", "--idle-timeout", "7"])
+        http = list(tap.makeService(options, reactor=reactor))[3]
+        self.assertEqual((http.factory.timeOut, http.factory.request_timeout), (7.0, 7.0))
+        http.startService()
+        self.addCleanup(http.stopService)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, factory, backlog, interface), (7860, http.factory, BACKLOG, "127.0.0.1"))
 
 
 class OneLineErrorTests(SynchronousTestCase):

@@ -15,10 +15,13 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from runai.core import errors
+from runai.core.hires import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
 from runai.core.requests import Limits
 from runai.doors.http import parse, replies, samplers, site
 from runai.doors.http.checkpoints import Checkpoints
 from runai.doors.http.jobs import HttpJob, progress_reply
+from runai.doors.http.lora_hashes import LoraHashes
+from runai.models import embeddings, loras
 
 # Bodies larger than this are parsed in the pool, not on the reactor; so is every body
 # with images, which are checked by decoding them.
@@ -35,11 +38,42 @@ def _flag(request, name):
 
 # Routes AUTOMATIC1111's clients call for features runai does not have: empty answers.
 EMPTY = {
-    "loras": [], "hypernetworks": [], "upscalers": [], "face-restorers": [], "realesrgan-models": [],
-    "prompt-styles": [], "sd-vae": [], "latent-upscale-modes": [],
-    "embeddings": {"loaded": {}, "skipped": {}}, "scripts": {"txt2img": [], "img2img": []},
+    "hypernetworks": [], "face-restorers": [], "realesrgan-models": [],
+    "prompt-styles": [], "sd-vae": [],
+    "scripts": {"txt2img": [], "img2img": []},
     "script-info": [], "extensions": [],
 }
+
+
+class Gone(Exception):
+    """The client left before its job was queued: nothing to queue, nothing to answer."""
+
+
+def _still_there(request):
+    if request.gone:
+        raise Gone()
+
+
+def _forget(failure):
+    """Drop the frames an answered failure holds: they hold the request's body (a large
+    one, parsed in a thread, is in its traceback), in reference cycles that only the
+    garbage collector would break, seconds or minutes later."""
+    error = failure.value
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    failure.cleanFailure()
+
+
+def _refused_in_thread(failure):
+    """A request refused in the pool: its failure forgets the thread's frames (the pool's
+    frame holds the failure, which holds the frame: a cycle that keeps the request's body
+    until the garbage collector comes)."""
+    if failure.check(errors.RunaiError):
+        failure.cleanFailure()
+    return failure
 
 
 class Api(resource.Resource):
@@ -57,6 +91,7 @@ class Api(resource.Resource):
         self.token = token.encode("utf-8") if isinstance(token, str) else token
         self.limits = limits
         self.checkpoints = Checkpoints(core, reactor, pool)
+        self.lora_hashes = LoraHashes(reactor, pool)
         self.running = []  # this door's jobs in progress (HttpJob), oldest first
         # AUTOMATIC1111's defaults: a preview every 10 steps for /progress.
         self.previews = {"live_previews_enable": True, "show_progress_every_n_steps": 10}
@@ -65,7 +100,15 @@ class Api(resource.Resource):
             (b"POST", "img2img"): self.img2img,
             (b"GET", "sd-models"): self.sd_models,
             (b"GET", "sd-modules"): self.sd_modules,
+            (b"GET", "upscalers"): lambda request: [
+                {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in PIXEL_UPSCALERS],
+            (b"GET", "latent-upscale-modes"): lambda request: [{"name": name} for name in LATENT_UPSCALE_MODES],
             (b"POST", "refresh-checkpoints"): self.refresh_checkpoints,
+            (b"GET", "loras"): lambda request: self._off_reactor(loras.listing, self.core.model_dir),
+            (b"POST", "refresh-loras"): lambda request: self._off_reactor(loras.refresh, self.core.model_dir),
+            (b"GET", "embeddings"): self.list_embeddings,
+            (b"POST", "refresh-embeddings"): self.refresh_embeddings,
             (b"GET", "options"): self.get_options,
             (b"POST", "options"): self.set_options,
             (b"GET", "samplers"): lambda request: samplers.sampler_list(),
@@ -84,10 +127,7 @@ class Api(resource.Resource):
         request.gone = False
         request.notifyFinish().addErrback(lambda _: setattr(request, "gone", True))
         request.setHeader("content-type", "application/json")
-        if getattr(request, "too_large", False):
-            return self._error(request, errors.RunaiError(
-                errors.MESSAGE_TOO_LARGE, f"the body is larger than {request.body_limit} bytes"))
-        if not site.authorized(request, self.token):
+        if not site.authorized(request, self.token):  # the site refused it already; in case
             return self._error(request, site.unauthorized(request))
         route = self.routes.get((request.method, "/".join(p.decode("utf-8", "replace") for p in request.postpath)))
         if route is None:
@@ -99,31 +139,37 @@ class Api(resource.Resource):
 
     def _answer(self, value, request):
         if not request.finished and not request.gone:
-            request.write(json.dumps(value).encode("utf-8"))
+            request.write(value if isinstance(value, bytes) else json.dumps(value).encode("utf-8"))
             request.finish()
 
     def _failed(self, failure, request):
-        if failure.check(errors.RunaiError):
-            error = failure.value
+        if failure.check(Gone):
+            pass
+        elif failure.check(errors.RunaiError):
+            if not request.finished and not request.gone:
+                request.write(self._error(request, failure.value))
+                request.finish()
         else:
             self.log.failure("An HTTP request could not be handled", failure)
-            error = errors.RunaiError(errors.INTERNAL, "the server failed to handle this request")
-        if not request.finished and not request.gone:
-            request.write(self._error(request, error))
-            request.finish()
+            if not request.finished and not request.gone:
+                request.write(self._error(request, errors.RunaiError(
+                    errors.INTERNAL, "the server failed to handle this request")))
+                request.finish()
+        _forget(failure)
 
     def _error(self, request, error):
         status, body = replies.error(error)
-        request.setResponseCode(status)
+        request.setResponseCode(status, replies.REASONS.get(status, "Error").encode("ascii"))
         return json.dumps(body).encode("utf-8")
 
     def _off_reactor(self, f, *args):
         if self.pool is None:
             return defer.maybeDeferred(f, *args)
-        return threads.deferToThreadPool(self.reactor, self.pool, f, *args)
+        return threads.deferToThreadPool(self.reactor, self.pool, f, *args).addErrback(_refused_in_thread)
 
     def _body(self, request):
-        data = request.content.getvalue()
+        """A Deferred of the body's JSON object; the request holds its bytes no more."""
+        data = request.take_body() if hasattr(request, "take_body") else request.content.getvalue()
         if len(data) > PARSE_IN_THREAD_BYTES:
             return self._off_reactor(parse.decode_body, data)
         return defer.maybeDeferred(parse.decode_body, data)
@@ -138,20 +184,31 @@ class Api(resource.Resource):
 
     @defer.inlineCallbacks
     def _generate(self, request, build, in_thread):
+        """The job of a request: checked (in the pool where it reads images), queued unless
+        its client left meanwhile, and cancelled when its client leaves. The job keeps its
+        request (with the images, checked and counted by the queue) and ``parameters`` to
+        repeat, never the body."""
         started = time.time()
         body = yield self._body(request)
+        _still_there(request)
         model = yield self.checkpoints.resolve(parse.wanted_model(body))
+        _still_there(request)
         args = (build, body, model, self.core.model_dir, self.limits)
         core_request = yield (self._off_reactor(*args) if in_thread else defer.maybeDeferred(*args))
         every = self._preview_every(body)
         if every != core_request.preview_every:
             core_request = dataclasses.replace(core_request, preview_every=every)
+        echo = parse.echo(body)
+        del body, args
+        _still_there(request)
         listener = HttpJob(self.running)
-        job = self.core.submit(core_request, request, listener)
+        job = self.core.submit(core_request, request, listener, held_bytes=len(echo))
         # A client that goes away takes its job with it.
         request.notifyFinish().addErrback(lambda _: self.core.cancel(job))
+        hashes = self.lora_hashes.of(core_request.loras)  # while the job runs
         images = yield listener.result
-        return replies.generated(core_request, images, body, self.checkpoints, started)
+        lora_hashes = yield hashes
+        return replies.generated(core_request, images, echo, self.checkpoints, started, lora_hashes)
 
     def _preview_every(self, body):
         """Steps between live previews for ``/progress``: AUTOMATIC1111's options
@@ -192,6 +249,21 @@ class Api(resource.Resource):
     @defer.inlineCallbacks
     def refresh_checkpoints(self, request):
         yield self.checkpoints.listing()
+        return None
+
+    @defer.inlineCallbacks
+    def list_embeddings(self, request):
+        """AUTOMATIC1111's ``loaded`` and ``skipped`` embeddings, for the default model."""
+        try:
+            model = yield self.checkpoints.resolve(None)
+        except errors.RunaiError:
+            model = None  # no model to say which fit: every file is listed
+        listed = yield self._off_reactor(embeddings.for_model, self.core.model_dir, model)
+        return listed
+
+    @defer.inlineCallbacks
+    def refresh_embeddings(self, request):
+        yield self._off_reactor(embeddings.for_model, self.core.model_dir, None, True)
         return None
 
     @defer.inlineCallbacks

@@ -15,6 +15,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from runai.core import errors
+from runai.doors.jsonobject import quoted
 
 CHUNK = 4 * 1024 * 1024
 # A diffusers folder has no one file to hash: its weights, in a fixed order.
@@ -162,7 +163,7 @@ class Checkpoints:
                 return self.default_model()
             model = self.find(wanted)
             if model is None:
-                raise errors.RunaiError(errors.MODEL_NOT_FOUND, f"no model {wanted!r}: see /sdapi/v1/sd-models")
+                raise errors.RunaiError(errors.MODEL_NOT_FOUND, f"no model {quoted(wanted)}: see /sdapi/v1/sd-models")
             return model["name"]
 
         # A fresh listing only when the answer depends on it: a default set by /options is

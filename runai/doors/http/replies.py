@@ -8,7 +8,9 @@ import time
 import runai
 from runai.core import errors
 from runai.core.pngtext import parameters_text, png_with_text
+from runai.doors.http.lora_hashes import infotext_value
 from runai.doors.http.samplers import names_of
+from runai.models import embeddings
 
 # runai's error codes as HTTP statuses; anything else is 500.
 STATUS = {
@@ -25,17 +27,36 @@ STATUS = {
     errors.MESSAGE_TOO_LARGE: 413,
     errors.QUEUE_FULL: 503,
     errors.SHUTTING_DOWN: 503,
+    errors.BROKER_UNAVAILABLE: 503,
     errors.OUT_OF_MEMORY: 507,
 }
+# Reason phrases twisted.web does not know.
+REASONS = {
+    400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 408: "Request Timeout", 413: "Content Too Large",
+    414: "URI Too Long", 422: "Unprocessable Content", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 503: "Service Unavailable", 507: "Insufficient Storage",
+}
+# An error's detail quotes what the client sent: at most this much of it comes back.
+MAX_DETAIL_CHARS = 1000
+
+
+def bounded(text, limit=MAX_DETAIL_CHARS):
+    """``text``, cut to ``limit`` characters: a message names what was wrong first, and
+    whatever it quotes of the request comes after."""
+    if len(text) <= limit:
+        return text
+    more = f"... ({len(text)} characters)"
+    return text[:limit - len(more)] + more
 
 
 def error(error):
     """``(status, body)`` for a RunaiError."""
-    return STATUS.get(error.code, 500), {"error": error.code, "detail": error.message}
+    return STATUS.get(error.code, 500), {"error": error.code, "detail": bounded(error.message)}
 
 
-def infotext(request, seed, checkpoints):
-    """The ``parameters`` text AUTOMATIC1111 writes into each PNG and into ``infotexts``."""
+def infotext(request, seed, checkpoints, lora_hashes=()):
+    """The ``parameters`` text AUTOMATIC1111 writes into each PNG and into ``infotexts``
+    (``lora_hashes``: ``[(name, short hash)]`` of the job's LoRAs)."""
     sampler, schedule = names_of(request.scheduler)
     fields = [
         ("Steps", request.steps), ("Sampler", sampler), ("Schedule type", schedule),
@@ -48,15 +69,29 @@ def infotext(request, seed, checkpoints):
         fields.insert(4, ("Distilled CFG Scale", f"{request.distilled_scale:g}"))
     if request.action != "txt2img":
         fields.append(("Denoising strength", f"{request.strength:g}"))
+    hires = getattr(request, "hires", None)
+    if hires is not None:
+        fields += [("Denoising strength", f"{hires.strength:g}"), ("Hires upscale", f"{hires.scale:g}"),
+                   ("Hires steps", hires.steps), ("Hires upscaler", hires.upscaler)]
+    fields.append(("Lora hashes", infotext_value(lora_hashes)))
+    fields.append(("TI hashes", infotext_value(ti_hashes(request))))
     fields.append(("Version", f"runai {runai.__version__}"))
     return parameters_text(request.prompt, request.negative_prompt, fields)
 
 
-def generated(request, images, body, checkpoints, started):
+def ti_hashes(request):
+    """``[(name, short hash)]`` of the embeddings the job's prompts used (small files,
+    hashed once per size and modification time)."""
+    found = [(ref.name, embeddings.short_hash(ref.path)) for ref in getattr(request, "embeddings", ())]
+    return [(name, sha) for name, sha in found if sha]
+
+
+def generated(request, images, echo, checkpoints, started, lora_hashes=()):
     """``{"images", "parameters", "info"}`` for the images of a finished job (withheld
-    ones, flagged by the safety checker, are not sent)."""
+    ones, flagged by the safety checker, are not sent), as JSON bytes; ``echo`` is the
+    ``parameters`` as JSON text (:func:`runai.doors.http.parse.echo`)."""
     sent = [image for image in images if not getattr(image, "withheld", False)]
-    infotexts = [infotext(request, image.seed, checkpoints) for image in sent]
+    infotexts = [infotext(request, image.seed, checkpoints, lora_hashes) for image in sent]
     sampler, schedule = names_of(request.scheduler)
     seeds = request.seeds()
     info = {
@@ -76,9 +111,6 @@ def generated(request, images, body, checkpoints, started):
         "nsfw_checked": [getattr(image, "nsfw_checked", None) for image in sent],
         "withheld": len(images) - len(sent),
     }
-    return {
-        "images": [base64.b64encode(png_with_text(image.png, {"parameters": text})).decode("ascii")
-                   for image, text in zip(sent, infotexts)],
-        "parameters": body,
-        "info": json.dumps(info),
-    }
+    head = json.dumps({"images": [base64.b64encode(png_with_text(image.png, {"parameters": text})).decode("ascii")
+                                  for image, text in zip(sent, infotexts)]})
+    return f'{head[:-1]}, "parameters": {echo}, "info": {json.dumps(json.dumps(info))}}}'.encode("utf-8")

@@ -8,6 +8,7 @@ Since AUTOMATIC1111 1.9 the noise schedule is a field of its own (``scheduler``:
 
 from runai.core import errors
 from runai.core.schedulers import SCHEDULERS
+from runai.doors.jsonobject import quoted
 
 # AUTOMATIC1111 name -> (runai scheduler, runai scheduler with the Karras schedule or None)
 SAMPLERS = {
@@ -56,7 +57,7 @@ def scheduler_for(sampler, schedule=None):
     if name is None:
         raise errors.RunaiError(
             errors.UNKNOWN_SCHEDULER,
-            f"unknown sampler_name {sampler!r}; known: {', '.join(SAMPLERS)}",
+            f"unknown sampler_name {quoted(sampler)}; known: {', '.join(SAMPLERS)}",
         )
     plain, karras = SAMPLERS[name]
     if schedule in ("automatic", "uniform", ""):
@@ -65,7 +66,7 @@ def scheduler_for(sampler, schedule=None):
         return karras
     raise errors.RunaiError(
         errors.UNKNOWN_SCHEDULER,
-        f"scheduler {schedule!r} is not available with {name}; "
+        f"scheduler {quoted(schedule)} is not available with {name}; "
         f"{'automatic or karras' if karras else 'automatic'} is",
     )
 

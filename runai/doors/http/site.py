@@ -1,60 +1,94 @@
-# -*- test-case-name: runai.test.test_http -*-
-"""The HTTP door's twisted.web site: request bodies held in memory and bounded (twisted.web
-would spill a large one into a temporary file: runai writes nothing to disk), and the
-shared secret checked before anything else."""
+# -*- test-case-name: runai.test.test_http_site,runai.test.test_http -*-
+"""The HTTP door's twisted.web site, and what it bounds before a route sees a request.
+
+- The shared secret is checked from the headers, before any body is read: a request
+  without it is answered 401 at once; its body is read and dropped, never held.
+- Bodies are held in memory (twisted.web would spill a large one into a temporary file:
+  runai writes nothing to disk): up to ``max_body`` bytes each (413 past it) and
+  ``max_bodies`` for every body being received at once (503 past it); a refused body is
+  dropped as it arrives.
+- At most ``max_connections`` connections; one more is answered 503 and closed.
+- A request line over ``max_url`` bytes is answered 414; headers over
+  ``totalHeadersSize`` bytes or ``maxHeaders`` lines, 431.
+- Times follow ``--idle-timeout`` (``timeout``): a connection silent for that long is
+  closed; a request's headers must all arrive within it, and its body at
+  ``min_body_rate`` bytes a second beyond it. A trickled request is answered 408 and closed.
+
+An answer given here, before twisted.web's request machinery would give one, is a whole
+response that closes the connection. After an early answer the body still being sent is
+read and dropped (what its length declares, or ``max_body`` bytes; at most
+:data:`MAX_DROPPED`) before the close, so that a client that sends its whole body before
+reading sees the answer rather than a reset connection.
+"""
 
 import base64
 import binascii
 import hmac
 import io
+import json
+import re
 
-from twisted.web import resource, server
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.web import http, resource, server
 
 from runai.core import errors
+from runai.doors.http.replies import REASONS
+
+# A request line longer than this is answered 414 (browsers and proxies take about 8 KB).
+MAX_URL = 8 * 1024
+# Every body being received at once, together, is at most this (or twice --max-message-size).
+MAX_BODIES = 512 * 1024 * 1024
+# After an early answer, at most this much of the body is read and dropped before the close.
+MAX_DROPPED = 1024 * 1024 * 1024
+# Past the first --idle-timeout seconds, a body must keep coming at this pace.
+MIN_BODY_RATE = 16 * 1024
+# HTTP clients: more than the socket door's 64, since each AUTOMATIC1111 call is a
+# connection of its own and chat front ends poll /progress beside it.
+MAX_CONNECTIONS = 256
+# The listen backlog of the --http endpoint, so that a burst of connections waits for the
+# reactor to accept them instead of being reset (the kernel caps it at net.core.somaxconn).
+BACKLOG = 1024
+
+_log = Logger(namespace="runai.doors.http.site")
 
 
-class LimitedRequest(server.Request):
-    """A request whose body is read into memory up to the site's ``max_body`` bytes; past
-    that the rest is read and dropped, and the request is answered 413."""
-
-    def gotLength(self, length):
-        self.body_limit = self.channel.site.max_body
-        self.body_size = 0
-        self.content = io.BytesIO()  # never a temporary file on disk
-        self.too_large = length is not None and length > self.body_limit
-
-    def handleContentChunk(self, data):
-        self.body_size += len(data)
-        if self.body_size > self.body_limit:
-            self.too_large = True
-        if self.too_large:
-            if self.content.tell():
-                self.content = io.BytesIO()
-            return
-        self.content.write(data)
+def error_body(status, error):
+    """AUTOMATIC1111's error body: ``{"error": code, "detail": message}``."""
+    return json.dumps({"error": error.code, "detail": error.message}).encode("utf-8")
 
 
-class Site(server.Site):
-    requestFactory = LimitedRequest
-    noisy = False
+def raw_response(status, error, headers=(), body_of=error_body):
+    """A whole HTTP/1.1 response that closes the connection; ``body_of(status, error)``
+    makes its body."""
+    body = body_of(status, error)
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
 
-    def __init__(self, root, max_body, timeout=60):
-        super().__init__(root, parsePOSTFormSubmission=False, timeout=timeout)
-        self.max_body = max_body
+
+def unauthorized_error():
+    return errors.RunaiError(errors.UNAUTHORIZED, "this server needs its token: Authorization: Bearer TOKEN, "
+                                                  "or HTTP Basic with the token as the password")
+
+
+AUTHENTICATE = ("WWW-Authenticate", 'Basic realm="runai"')
 
 
 def authorized(request, token):
     """True when no token is needed, or the request carries it: ``Authorization: Bearer
     TOKEN``, or HTTP Basic with the token as the password (what AUTOMATIC1111's
-    ``--api-auth`` clients send). Constant-time."""
+    ``--api-auth`` clients send). Read from the header's bytes, whatever they are;
+    constant-time."""
     if token is None:
         return True
-    header = request.getHeader("authorization") or ""
-    scheme, _, value = header.strip().partition(" ")
+    header = (request.requestHeaders.getRawHeaders(b"authorization") or [b""])[0]
+    scheme, _, value = header.strip().partition(b" ")
     given = b""
-    if scheme.lower() == "bearer":
-        given = value.strip().encode("utf-8", "surrogatepass")
-    elif scheme.lower() == "basic":
+    if scheme.lower() == b"bearer":
+        given = value.strip()
+    elif scheme.lower() == b"basic":
         try:
             decoded = base64.b64decode(value.strip(), validate=True)
         except (binascii.Error, ValueError):
@@ -64,16 +98,304 @@ def authorized(request, token):
 
 
 def unauthorized(request):
-    request.setResponseCode(401)
-    request.setHeader("www-authenticate", 'Basic realm="runai"')
-    return errors.RunaiError(errors.UNAUTHORIZED, "this server needs its token: Authorization: Bearer TOKEN, "
-                                                  "or HTTP Basic with the token as the password")
+    """Mark ``request`` 401 (with ``WWW-Authenticate``) and return its RunaiError."""
+    request.setHeader(AUTHENTICATE[0], AUTHENTICATE[1])
+    return unauthorized_error()
 
 
-def make_site(api, max_body):
+class LimitedRequest(server.Request):
+    """A request whose body is held in memory within the site's bounds, or refused from
+    its headers (the token, the declared length) before any of it is read.
+
+    On a site that does not answer early (``Site.early`` false) a body over the limit is
+    dropped as it comes and the request marked ``too_large`` for its resource to answer."""
+
+    refused = False
+    too_large = False
+    body_size = 0  # body bytes received
+    reserved = 0  # bytes of the site's body budget this request holds
+    dropped = 0  # body bytes read and dropped after a refusal
+    declared = None  # the body's length, as its Content-Length says
+
+    def gotLength(self, length):
+        self.content = io.BytesIO()  # never a temporary file on disk
+        self.declared = length
+        site = self.channel.site
+        self.body_limit = site.max_body
+        if not site.early:
+            self.too_large = length is not None and length > site.max_body
+            return
+        refusal = site.refusal(self, length)
+        if refusal is None and length:
+            refusal = self._reserve(length)
+        if refusal is not None:
+            self._refuse(*refusal)
+
+    def handleContentChunk(self, data):
+        if self.refused or self.too_large:
+            self.dropped += len(data)
+            if self.refused and self.dropped > min(max(self.declared or 0, self.channel.site.max_body), MAX_DROPPED):
+                self.channel.loseConnection()
+            return
+        self.body_size += len(data)
+        site = self.channel.site
+        if self.body_size > site.max_body:
+            if site.early:
+                self._refuse(413, too_large(site.max_body))
+            else:
+                self.too_large = True
+                self.content = io.BytesIO()
+            return
+        if site.early and self.body_size > self.reserved:  # a chunked body: its length was not declared
+            refusal = self._reserve(self.body_size - self.reserved)
+            if refusal is not None:
+                self._refuse(*refusal)
+                return
+        self.content.write(data)
+
+    def _reserve(self, size):
+        site = self.channel.site
+        if site.body_bytes + size > site.max_bodies:
+            return 503, errors.RunaiError(errors.QUEUE_FULL, "the server is receiving too many large requests "
+                                                             "at once; send this one again in a moment")
+        site.body_bytes += size
+        self.reserved += size
+        self.budget = site
+        return None
+
+    def _release(self):
+        if self.reserved:
+            self.budget.body_bytes -= self.reserved
+            self.reserved = 0
+
+    def drop_body(self):
+        """Hold nothing more of the body, and none of the site's budget."""
+        self.content = io.BytesIO()
+        self._release()
+
+    def _refuse(self, status, error, headers=()):
+        """Answer now; drop the body, and what was held of it."""
+        self.refused = True
+        self.drop_body()
+        # A client waiting for "100 Continue" sends no body after a final answer.
+        expects = [value.lower() for value in self.requestHeaders.getRawHeaders(b"expect", [])]
+        self.requestHeaders.removeHeader(b"expect")
+        self.channel.refuse(status, error, headers, linger=b"100-continue" not in expects)
+
+    def take_body(self):
+        """The body received (a memoryview: no copy), which the request stops holding."""
+        content, self.content = self.content, io.BytesIO()
+        self._release()
+        return content.getbuffer()
+
+    def requestReceived(self, command, path, version):
+        if self.refused:
+            self.channel.loseConnection()  # answered already; the body is read
+            return
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason):
+        self._release()
+        super().connectionLost(reason)
+
+
+def too_large(limit):
+    return errors.RunaiError(errors.MESSAGE_TOO_LARGE, f"the body is larger than {limit} bytes")
+
+
+class Channel(http.HTTPChannel):
+    """One HTTP connection, within the site's bounds of sizes and times."""
+
+    log = Logger()
+    max_url = MAX_URL
+
+    def __init__(self):
+        super().__init__()
+        self.refused = False  # answered early: whatever follows is dropped, then closed
+        self._began = None  # when the request being received began (reactor seconds)
+        self._received = 0  # its body bytes so far
+        self._pace = None  # the DelayedCall that checks its pace
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.connected(self)
+
+    def connectionLost(self, reason):
+        self._stop_pace()
+        self.site.disconnected(self)
+        super().connectionLost(reason)
+
+    # Times -----------------------------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self._began is None and not self._handlingRequest and not self.refused:
+            self._began = self.site.reactor.seconds()
+            self._pace = self.callLater(self.site.request_timeout, self._check_pace)
+        super().dataReceived(data)
+
+    def rawDataReceived(self, data):
+        if not self._handlingRequest:
+            self._received += len(data)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self):
+        self._stop_pace()
+        super().allContentReceived()
+
+    def _stop_pace(self):
+        if self._pace is not None and self._pace.active():
+            self._pace.cancel()
+        self._pace = self._began = None
+        self._received = 0
+
+    def _check_pace(self):
+        self._pace = None
+        timeout = self.site.request_timeout
+        elapsed = self.site.reactor.seconds() - self._began
+        allowed = timeout + self._received / self.site.min_body_rate
+        if elapsed < allowed:
+            self._pace = self.callLater(allowed - elapsed, self._check_pace)
+            return
+        self.log.info("Dropping {peer}: a request that did not arrive within {timeout:g}s",
+                      peer=self.transport.getPeer(), timeout=timeout)
+        self.refuse(408, errors.RunaiError(
+            errors.IDLE_TIMEOUT, f"the request did not arrive in time ({timeout:g}s for the headers, then "
+                                 f"at least {self.site.min_body_rate} bytes a second)"))
+
+    def timeoutConnection(self):
+        if self._began is not None and not self.refused:
+            self.refused = True
+            self.transport.write(raw_response(408, errors.RunaiError(
+                errors.IDLE_TIMEOUT, f"no data for {self.site.request_timeout:g}s in the middle of a request"),
+                body_of=self.site.error_body))
+        super().timeoutConnection()
+
+    # Sizes -----------------------------------------------------------------------------
+
+    def _in_request_line(self):
+        return bool(getattr(self, "_HTTPChannel__first_line", 0))
+
+    def lineReceived(self, line):
+        if self._in_request_line():
+            if len(line) > self.max_url:
+                self._too_long(True)
+                return
+        elif self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._too_long(False)
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line):
+        self._too_long(self._in_request_line())
+
+    def headerReceived(self, line):
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._too_long(False)
+            return False
+        return super().headerReceived(line)
+
+    def _too_long(self, url):
+        if url:
+            self.refuse(414, errors.RunaiError(errors.MESSAGE_TOO_LARGE,
+                                               f"the request's URL is longer than {self.max_url} bytes"))
+        else:
+            self.refuse(431, errors.RunaiError(
+                errors.MESSAGE_TOO_LARGE, f"the request's headers are larger than {self.totalHeadersSize} bytes "
+                                          f"or {self.maxHeaders} lines"))
+
+    # Early answers ---------------------------------------------------------------------
+
+    def refuse(self, status, error, headers=(), linger=False):
+        """Answer ``status`` now and close: at once, or (``linger``) once the request's body
+        has been read and dropped."""
+        if not self.refused:
+            self.refused = True
+            self.persistent = False
+            self.transport.write(raw_response(status, error, headers, self.site.error_body))
+        for request in self.requests:
+            if not request.finished and hasattr(request, "drop_body"):
+                request.drop_body()
+        if not linger:
+            self._stop_pace()
+            self.loseConnection()
+
+
+class _Busy(protocol.Protocol):
+    """A connection over the cap: answered 503 and closed."""
+
+    def __init__(self, body_of):
+        self.body_of = body_of
+
+    def connectionMade(self):
+        self.transport.write(raw_response(503, errors.RunaiError(
+            errors.QUEUE_FULL, "the server has too many HTTP connections; try again in a moment"),
+            body_of=self.body_of))
+        self.transport.loseConnection()
+
+
+class Site(server.Site):
+    """The door's site: ``max_body`` is ``--max-message-size``, ``timeout``
+    ``--idle-timeout``; ``token`` (bytes, or None) is the shared secret.
+
+    ``early``: refuse a request from its headers (the token, a body too large) at once;
+    else its resource answers once the body (dropped) has come. ``error_body(status,
+    error)`` makes the body of the answers given here (AUTOMATIC1111's by default)."""
+
+    protocol = Channel
+    requestFactory = LimitedRequest
+    noisy = False
+    max_connections = MAX_CONNECTIONS
+    min_body_rate = MIN_BODY_RATE
+
+    def __init__(self, root, max_body, timeout=60, token=None, reactor=None, early=False, error_body=error_body):
+        super().__init__(root, parsePOSTFormSubmission=False, timeout=timeout, reactor=reactor)
+        self.early = early
+        self.error_body = error_body
+        self.max_body = max_body
+        self.max_bodies = max(MAX_BODIES, 2 * max_body)
+        self.request_timeout = timeout
+        self.token = token.encode("utf-8") if isinstance(token, str) else token
+        self.body_bytes = 0  # held by the bodies being received
+        self.channels = set()
+        self._full = False
+
+    def buildProtocol(self, addr):
+        if len(self.channels) >= self.max_connections:
+            if not self._full:
+                _log.warn("Refusing HTTP connections: already {n}", n=len(self.channels))
+            self._full = True
+            return _Busy(self.error_body)
+        return super().buildProtocol(addr)
+
+    def connected(self, channel):
+        self.channels.add(channel)
+
+    def disconnected(self, channel):
+        self.channels.discard(channel)
+        if len(self.channels) < self.max_connections:
+            self._full = False
+
+    def refusal(self, request, length):
+        """``(status, error[, headers])`` for a request refused from its headers, or None."""
+        if not authorized(request, self.token):
+            return 401, unauthorized_error(), (AUTHENTICATE,)
+        if length is not None and length > self.max_body:
+            return 413, too_large(self.max_body)
+        return None
+
+
+def with_backlog(description, backlog=BACKLOG):
+    """An endpoint description with a listen backlog, unless it names one: Twisted's
+    default of 50 resets a burst of connections."""
+    if re.match(r"(?i)(tcp6?|ssl|unix):", description) and not re.search(r"(?i)(^|:)backlog=", description):
+        return f"{description}:backlog={backlog}"
+    return description
+
+
+def make_site(api, max_body, timeout=60, reactor=None):
     """The site: ``api`` (a :class:`runai.doors.http.api.Api`) at ``/sdapi/v1``."""
     root = resource.Resource()
     sdapi = resource.Resource()
     root.putChild(b"sdapi", sdapi)
     sdapi.putChild(b"v1", api)
-    return Site(root, max_body)
+    return Site(root, max_body, timeout=timeout, token=api.token, reactor=reactor, early=True)

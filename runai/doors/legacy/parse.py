@@ -17,7 +17,7 @@ from runai.doors.jsonobject import decode_object
 from runai.doors.legacy.history import HISTORY_ACTIONS, parse_history
 
 # The model library: list the model folder, convert a checkpoint into a diffusers folder.
-LIBRARY_ACTIONS = ("models", "convert")
+LIBRARY_ACTIONS = ("models", "loras", "embeddings", "convert")
 MAX_ID_LENGTH = 128
 
 
@@ -34,6 +34,8 @@ class Cancel:
 @dataclass(frozen=True)
 class ListModels:
     id: object = None
+    what: str = "models"  # or "loras": the LoRA files, as prompts name them; or "embeddings"
+    model: object = None  # embeddings: the model whose encoders must take them (None: any)
 
 
 class LegacyFields(Fields):
@@ -111,8 +113,12 @@ def parse_request(obj, model_dir, limits=Limits()):
     if action in GENERATION_ACTIONS:
         # pos_x/pos_y sit in options for legacy clients, at the top level for some others.
         return generation_request(action, LegacyFields(obj, top_level=("pos_x", "pos_y")), model_dir, limits, rid)
-    if action == "models":
-        return ListModels(id=rid)
+    if action in ("models", "loras"):
+        return ListModels(id=rid, what=action)
+    if action == "embeddings":
+        fields = LegacyFields(obj, top_level=("model",))
+        model = fields.raw("model")
+        return ListModels(id=rid, what=action, model=None if model is None else fields.string("model", max_chars=4096))
     if action == "convert":
         return convert_request(LegacyFields(obj), model_dir, rid)
     if action in HISTORY_ACTIONS:

@@ -98,3 +98,18 @@ def model(entry, loaded=()):
 
 def models(entries, loaded, request_id):
     return {"action": "models", "models": [model(e, loaded) for e in entries], "id": request_id}
+
+
+def loras(files, request_id):
+    """The ``loras`` action's answer: each LoRA file (:class:`runai.models.loras.LoraFile`)
+    by the name prompts use for it (``<lora:name:weight>``), its path in the model folder,
+    the family it was made for and its size."""
+    return {"action": "loras", "id": request_id, "loras": [
+        {"name": f.name, "alias": f.alias, "path": f.relative, "version": f.family, "size": f.size} for f in files]}
+
+
+def embeddings(listed, model, request_id):
+    """The ``embeddings`` action's answer: A1111's ``loaded`` and ``skipped`` (name ->
+    ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``, ``shape``, ``vectors``) for
+    ``model``, or every file under ``loaded`` where the request named no model."""
+    return {"action": "embeddings", "id": request_id, "model": model, **listed}

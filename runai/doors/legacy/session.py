@@ -10,7 +10,7 @@ replies (:mod:`runai.doors.legacy.replies`).
 
 import hmac
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -19,6 +19,7 @@ from runai.core.interfaces import IJobListener
 from runai.core.requests import ConvertRequest, GenerationRequest
 from runai.doors.legacy import history, replies
 from runai.doors.legacy.parse import Cancel, ListModels, Ping, reqtype, request_id
+from runai.models import embeddings, loras
 
 
 @implementer(IJobListener)
@@ -125,8 +126,26 @@ class Session:
         def failed(failure):
             self.log.failure("Listing the model folder failed", failure)
             self.send_error(errors.RunaiError(errors.INTERNAL, "the model folder could not be listed"),
-                            "models", request.id)
+                            request.what, request.id)
 
+        if request.what == "embeddings":
+            def refused(failure):
+                failure.trap(errors.RunaiError)
+                self.send_error(failure.value, "embeddings", request.id)
+
+            pool = self.core.pool
+            args = (embeddings.for_model, self.core.model_dir, request.model)
+            d = threads.deferToThreadPool(self.factory.reactor, pool, *args) if pool is not None \
+                else defer.maybeDeferred(*args)
+            d.addCallback(lambda listed: self.send(replies.embeddings(listed, request.model, request.id)))
+            d.addErrback(refused).addErrback(failed)
+            return
+        if request.what == "loras":
+            pool = self.core.pool
+            d = (threads.deferToThreadPool(self.factory.reactor, pool, loras.files, self.core.model_dir)
+                 if pool is not None else defer.maybeDeferred(loras.files, self.core.model_dir))
+            d.addCallbacks(lambda listed: self.send(replies.loras(listed, request.id)), failed)
+            return
         self.core.list_models().addCallbacks(lambda listed: self.send(replies.models(*listed, request.id)), failed)
 
     def cancel(self, job_id):

@@ -1,0 +1,73 @@
+# -*- test-case-name: runai.test.test_embeddings -*-
+"""The files of the model folder that are not whole models: embeddings, LoRAs.
+
+One bounded walk (:func:`model_files`), as the library walks for models: 8 levels at most,
+20,000 entries, names starting with ``.`` skipped, diffusers and component folders (a
+``model_index.json``, a ``config.json``) not entered, a symlink followed only to a place
+inside the model folder and never descended. It also gives each folder's modification
+time, so that an index knows when a file was added or removed (:func:`changed`).
+
+Torch-free: indexes walk on the reactor's thread pool or on the reactor itself.
+"""
+
+import os
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from runai.models.paths import contained
+
+log = Logger()
+
+MAX_DEPTH = 8
+MAX_ENTRIES = 20_000
+
+
+def model_files(model_dir, suffixes):
+    """``([(path, resolved)], {folder: mtime_ns})``: the files under ``model_dir`` (resolved)
+    whose names end in one of ``suffixes`` (lower case), and the folders walked."""
+    model_dir = Path(model_dir)
+    found, folders, visited = [], {}, 0
+    pending = [(model_dir, 0)]
+    while pending:
+        folder, depth = pending.pop()
+        try:
+            folders[str(folder)] = os.stat(folder).st_mtime_ns
+            with os.scandir(folder) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        for child in children:
+            visited += 1
+            if visited > MAX_ENTRIES:
+                log.warn("the model folder has more than {n} entries; files beyond are not listed", n=MAX_ENTRIES)
+                return found, folders
+            if child.name.startswith("."):
+                continue
+            path = Path(child.path)
+            try:
+                link = child.is_symlink()
+                resolved = contained(model_dir, path)
+                if resolved is None:
+                    continue
+                if child.is_dir():
+                    if link or depth >= MAX_DEPTH or (path / "model_index.json").is_file() \
+                            or (path / "config.json").is_file():
+                        continue
+                    pending.append((path, depth + 1))
+                elif child.is_file() and path.suffix.lower() in suffixes:
+                    found.append((path, resolved))
+            except OSError:
+                continue
+    return found, folders
+
+
+def changed(folders):
+    """Whether a folder of :func:`model_files`'s answer was changed (or removed) since."""
+    for folder, mtime in folders.items():
+        try:
+            if os.stat(folder).st_mtime_ns != mtime:
+                return True
+        except OSError:
+            return True
+    return False

@@ -326,3 +326,11 @@ class SiteTests(SynchronousTestCase):
         self.assertEqual(self.request(b"secret-token", "Bearer secret-token").content.getvalue(), b"x" * 50)
         self.assertEqual(self.request(None).content.getvalue(), b"x" * 50)
         self.assertTrue(self.request(None, max_body=10).too_large)
+
+    def test_a_header_that_is_not_utf8_is_a_wrong_token(self):
+        from runai.doors.openai.site import authorized
+
+        request = self.request(b"secret-token", b"Bearer \xff\xfe")
+        self.assertEqual(request.content.getvalue(), b"")
+        self.assertFalse(authorized(request, b"secret-token"))
+        self.assertTrue(authorized(self.request(b"secret-token", b"Bearer secret-token"), b"secret-token"))

@@ -54,9 +54,11 @@ def authorized(request, token):
     Constant-time."""
     if token is None:
         return True
-    scheme, _, value = (request.getHeader("authorization") or "").strip().partition(" ")
-    given = value.strip().encode("utf-8", "surrogatepass") if scheme.lower() == "bearer" else b""
-    return hmac.compare_digest(given, token)
+    # The raw bytes: a header that is not UTF-8 is a wrong token (401), never an error.
+    raw = (request.requestHeaders.getRawHeaders(b"authorization") or [b""])[0]
+    scheme, _, value = raw.strip().partition(b" ")
+    given = value.strip() if scheme.lower() == b"bearer" else b""
+    return hmac.compare_digest(given, token if isinstance(token, bytes) else token.encode("utf-8"))
 
 
 def unauthorized(request):

@@ -30,10 +30,10 @@ from twisted.logger import Logger
 
 from runai import families
 from runai.core import errors
-from runai.models import checkpoint
 from runai.models import loadlock
 from runai.models.classify import REFINER, REFINER_REFUSAL, classify_diffusers
-from runai.models.errors import MAX_CAUSE_CHARS, CheckpointError, LoadError
+from runai.models.errors import MAX_CAUSE_CHARS, LoadError
+from runai.models.footprint import disk_signature, estimate_bytes, pipeline_bytes
 from runai.models.paths import check_tree, contained
 from runai.models.singlefile import pipeline_from_single_file
 
@@ -75,20 +75,6 @@ class Loaded:
 TEXT_ENCODER_PLACES = ("device", "cpu")
 
 
-def pipeline_bytes(pipe):
-    """Bytes of the weights a pipeline holds (shared tensors counted once)."""
-    seen = set()
-    total = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            for tensor in list(component.parameters()) + list(component.buffers()):
-                key = (tensor.device, tensor.data_ptr())
-                if key not in seen:
-                    seen.add(key)
-                    total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def vae_decode_dtype(vae, dtype):
     """The precision a pipeline of ``dtype`` decodes in with ``vae``.
 
@@ -100,70 +86,6 @@ def vae_decode_dtype(vae, dtype):
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         return torch.float32
     return dtype
-
-
-# The sub-folders of weights of every family's diffusers folders.
-WEIGHT_FOLDERS = families.weight_folders()
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
-
-
-def _disk_signature(path):
-    """Changes when the model on disk is replaced, so a stale cached copy is reloaded."""
-    probes = [path]
-    if os.path.isdir(path):
-        probes = [os.path.join(path, "model_index.json")]
-        for sub in WEIGHT_FOLDERS:
-            try:
-                probes += sorted(e.path for e in os.scandir(os.path.join(path, sub)))
-            except OSError:
-                pass
-    signature = []
-    for probe in probes:
-        try:
-            st = os.stat(probe)
-            signature.append((probe, st.st_size, st.st_mtime_ns))
-        except OSError:
-            signature.append((probe, None))
-    return tuple(signature)
-
-
-def _loaded_weight_files(folder):
-    """The weight files ``from_pretrained`` loads from one component folder: the plain
-    ``.safetensors`` (or its shards) where there are some, else the plain ``.bin``. Hub
-    copies also hold ``*.fp16.safetensors`` variants and ``.bin`` twins, loaded only on
-    request; counting them would count the model two or three times."""
-    files = sorted(p for p in Path(folder).glob("*") if p.suffix in WEIGHT_SUFFIXES)
-    # A variant is a second dot before the extension: diffusion_pytorch_model.fp16.safetensors.
-    plain = [p for p in files if "." not in p.stem]
-    for suffix in WEIGHT_SUFFIXES:
-        chosen = [p for p in plain if p.suffix == suffix]
-        if chosen:
-            return chosen
-    return files
-
-
-def estimate_bytes(path, dtype):
-    """What loading ``path`` will take, from file headers and sizes, before loading it:
-    every component's weights (every text encoder) in ``dtype``."""
-    files = [path]
-    if os.path.isdir(path):
-        files = [str(p) for sub in WEIGHT_FOLDERS for p in _loaded_weight_files(Path(path, sub))]
-    total = 0
-    size = torch.tensor([], dtype=dtype).element_size()
-    for name in files:
-        try:
-            if name.endswith(".safetensors"):
-                tensors, _ = checkpoint.read_safetensors_header(name)
-                for info in tensors.values():
-                    numel = 1
-                    for d in info.shape:
-                        numel *= d
-                    total += numel * size
-            else:
-                total += os.path.getsize(name)
-        except (OSError, CheckpointError):
-            pass
-    return total
 
 
 class ModelLoader:
@@ -212,7 +134,7 @@ class ModelLoader:
         path = str(model_path)
         name = model_name or path
         modules = tuple(str(m) for m in modules)
-        signature = _disk_signature(path)
+        signature = disk_signature(path)
         entry = self._cache.get(path)
         if entry is not None and entry.signature == signature and entry.modules == modules:
             self._cache.move_to_end(path)
@@ -295,7 +217,7 @@ class ModelLoader:
             # One load at a time in the process (diffusers and transformers patch torch
             # process-wide while they load), and one read from disk for loaders that want
             # the same model at once: runai.models.loadlock.
-            key = (path, _disk_signature(path), str(self.model_dir), dtype, modules)
+            key = (path, disk_signature(path), str(self.model_dir), dtype, modules)
             pipe = loadlock.load_once(key, self.device, load, name)
         except torch.OutOfMemoryError:
             return None, "the device ran out of memory", True

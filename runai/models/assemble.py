@@ -33,8 +33,9 @@ del offline  # imported for what importing it does
 TOKENIZER_FILE_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 
-def tokenizer_at(model_dir, folder):
-    """``folder`` (resolved) if it holds a CLIP tokenizer inside ``model_dir``, else None."""
+def tokenizer_at(model_dir, folder, file_sets=TOKENIZER_FILE_SETS):
+    """``folder`` (resolved) if it holds a tokenizer inside ``model_dir`` (one of
+    ``file_sets``, a CLIP tokenizer's by default), else None."""
     resolved = contained(model_dir, folder)
     if resolved is None or not resolved.is_dir():
         return None
@@ -43,7 +44,7 @@ def tokenizer_at(model_dir, folder):
         found = contained(model_dir, resolved / name)
         return found is not None and found.is_file()
 
-    if not any(all(present(name) for name in names) for names in TOKENIZER_FILE_SETS):
+    if not any(all(present(name) for name in names) for names in file_sets):
         return None
     try:
         # from_pretrained reads whatever else is there (tokenizer_config.json, ...): all

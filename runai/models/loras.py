@@ -24,7 +24,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from runai.core import errors
-from runai.models import checkpoint, lora_keys
+from runai.models import checkpoint, lora_keys, walk
 from runai.models.classify import UNKNOWN
 from runai.models.paths import contained
 
@@ -32,8 +32,6 @@ log = Logger()
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
 REFRESH_SECONDS = 10.0
-MAX_DEPTH = 8
-MAX_ENTRIES = 20_000
 MAX_NAME_CHARS = 1024
 # A .pt/.ckpt LoRA is small; a bigger pickle is a whole model, whose pickle is not walked.
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
@@ -99,38 +97,8 @@ class LoraIndex:
     # -- the walk -------------------------------------------------------------------------
 
     def _walk(self):
-        found, visited = [], 0
-        pending = [(self.model_dir, 0)]
-        while pending:
-            folder, depth = pending.pop()
-            try:
-                with os.scandir(folder) as it:
-                    children = sorted(it, key=lambda e: e.name)
-            except OSError:
-                continue
-            for child in children:
-                visited += 1
-                if visited > MAX_ENTRIES:
-                    log.warn("the model folder has more than {n} entries; LoRAs beyond are not listed", n=MAX_ENTRIES)
-                    return found
-                if child.name.startswith("."):
-                    continue
-                path = Path(child.path)
-                try:
-                    link = child.is_symlink()
-                    resolved = contained(self.model_dir, path)
-                    if resolved is None:
-                        continue
-                    if child.is_dir():
-                        if link or depth >= MAX_DEPTH or (path / "model_index.json").is_file() \
-                                or (path / "config.json").is_file():
-                            continue
-                        pending.append((path, depth + 1))
-                    elif child.is_file() and path.suffix.lower() in SUFFIXES:
-                        found.append((path, resolved))
-                except OSError:
-                    continue
-        return found
+        # The same bounded walk as the embeddings' (runai.models.walk).
+        return walk.model_files(self.model_dir, SUFFIXES)[0]
 
     def _describe(self, resolved):
         st = os.stat(resolved)

@@ -30,12 +30,12 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T
 from twisted.logger import Logger
 
 from runai.models import checkpoint, flowconfigs, flowparts, loadlock
-from runai.models.assemble import clip_tokenizer, fill, first_tokenizer, text_encoder as build_clip
+from runai.models.assemble import (
+    clip_tokenizer, fill, first_tokenizer, text_encoder as build_clip, tokenizer_at)
 from runai.models.companions import LABELS, ROLES, VAE, find_companions
 from runai.models.errors import CheckpointError, LoadError
 from runai.models.flowconfigs import FLUX, SD3, TOKENIZER_FOLDERS, TOKENIZER_MODELS
 from runai.models.flowparts import CLIP_G, CLIP_L, T5XXL
-from runai.models.paths import check_tree, contained
 
 del offline  # imported for what importing it does
 
@@ -58,21 +58,7 @@ TOKENIZER_NAMES = {CLIP_L: "CLIP-L", CLIP_G: "CLIP-G", T5XXL: "T5"}
 
 def t5_tokenizer_at(model_dir, folder):
     """``folder`` (resolved) if it holds a T5 tokenizer inside ``model_dir``, else None."""
-    resolved = contained(model_dir, folder)
-    if resolved is None or not resolved.is_dir():
-        return None
-
-    def present(name):
-        found = contained(model_dir, resolved / name)
-        return found is not None and found.is_file()
-
-    if not any(all(present(n) for n in names) for names in T5_FILE_SETS):
-        return None
-    try:
-        check_tree(model_dir, resolved, limit=1000)
-    except LoadError:
-        return None
-    return resolved
+    return tokenizer_at(model_dir, folder, T5_FILE_SETS)
 
 
 def _tokenizer_candidates(model_dir, family, base, role):

@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from runai import tls
 from runai.doors.legacy import framing
+from runai.ops import options as ops_options
 from runai.tokenfile import read_token
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -42,6 +43,23 @@ def parse_cache_size(value):
     if size < 2**20:
         raise ValueError(f"{value!r} is too small for any model")
     return MAX_CACHED_MODELS, size
+
+
+# --idle-unload: a number and an optional unit (s, m, h); at most a week.
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+MAX_IDLE_UNLOAD = 7 * 24 * 3600
+
+
+def parse_duration(value):
+    """Seconds (a float) from ``"90s"``, ``"10m"``, ``"1.5h"`` or ``"30"`` (seconds); a
+    ValueError naming ``--idle-unload`` for anything else, zero, or more than a week."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", str(value).strip().lower())
+    if not match:
+        raise ValueError(f"--idle-unload must be a duration such as 90s, 10m or 1h, not {value!r}")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not 0 < seconds <= MAX_IDLE_UNLOAD:
+        raise ValueError(f"--idle-unload must be more than 0 and at most a week, not {value!r}")
+    return seconds
 
 
 class OptionError(SystemExit):
@@ -87,6 +105,7 @@ def _number(kind, option):
 
 
 TEXT_ENCODER_PLACES = ("device", "cpu")
+PREVIEW_DECODERS = ("auto", "cheap", "taesd")  # runai.engine.previews.DECODERS, torch-free here
 # What every command that runs workers takes, beside --device.
 WORKER_PARAMETERS = [
     ["dtype", None, "auto", "auto (float16 on CUDA, bfloat16 there for flow-matching models, float32 on CPU), "
@@ -95,6 +114,11 @@ WORKER_PARAMETERS = [
                               "weights may take (e.g. 8GiB, 6000MB); the least recently used one goes first."],
     ["text-encoders", None, "device", "Where the text encoders run: 'device' (with the model) or 'cpu' (in the "
                                       "computer's memory, sparing the GPU's for the model)."],
+    ["idle-unload", None, None, "Unload the models from the device after this long without a job (90s, 10m, 1h "
+                                "or seconds); the next job loads again. Off unless given.", parse_duration],
+    ["preview-decoder", None, "auto", "Live previews: 'auto' (TAESD where its decoder is in the model folder, else "
+                                      "the cheap linear map), 'cheap' (the linear map only) or 'taesd' (as auto, "
+                                      "warning when a family's decoder is missing)."],
 ]
 
 
@@ -131,6 +155,9 @@ class WorkerOptions(usage.Options):
         if self["text-encoders"] not in TEXT_ENCODER_PLACES:
             raise usage.UsageError(
                 f"--text-encoders must be {' or '.join(TEXT_ENCODER_PLACES)}, not {self['text-encoders']!r}")
+        if self["preview-decoder"] not in PREVIEW_DECODERS:
+            raise usage.UsageError(
+                f"--preview-decoder must be one of {', '.join(PREVIEW_DECODERS)}, not {self['preview-decoder']!r}")
         try:
             self["cache-models"], self["cache-bytes"] = parse_cache_size(self["cache-size"])
         except ValueError as e:
@@ -148,6 +175,7 @@ class Options(WorkerOptions):
                               "private, and twistd writes debug events to its log."],
         ["auto-shutdown", None, "Stop when no client connected within --timeout of start, "
                                 "and --timeout after the last client left; an 'x' packet stops the server."],
+        *ops_options.FLAGS,
     ]
     optParameters = [
         ["host", None, "127.0.0.1", "Interface to listen on (ignored with --listen)."],
@@ -183,10 +211,11 @@ class Options(WorkerOptions):
          "the model folder: 'refuse' the request, or generate 'unchecked' and say so in each reply."],
         # A front server: runai.broker.options says the same for twistd runai-worker.
         ["broker", None, None, "Run no jobs here: put them on this Redis (redis://HOST:PORT/DB, rediss:// for "
-                               "TLS) for twistd runai-worker processes (see the README, Scale out)."],
+                               "TLS) for twistd runai-worker processes (see docs/scale-out.md)."],
         ["broker-password-file", None, None, "A file holding the Redis password (else the RUNAI_BROKER_PASSWORD "
                                              "environment variable; never on the command line)."],
         ["broker-ca-file", None, None, "The CA certificate(s) the rediss:// server's certificate must chain to."],
+        *ops_options.PARAMETERS,
     ]
 
     def postOptions(self):
@@ -225,3 +254,4 @@ class Options(WorkerOptions):
             self["endpoint"] = checked_endpoint("listen", self["listen"])
         if self["http"] is not None:
             checked_endpoint("http", self["http"])
+        ops_options.check(self)

@@ -137,9 +137,11 @@ def local_workers(config, reactor, library):
     cpu_threads = max(1, (os.cpu_count() or 1) // len(devices)) if len(devices) > 1 else None
     return [
         LocalWorker(reactor, device=device, dtype=config["dtype"], stop_timeout=config.get("shutdown-timeout", 5.0),
-                    name=f"runai-worker-{index}-{device}", cpu_threads=cpu_threads, engine_options=dict(
+                    name=f"runai-worker-{index}-{device}", cpu_threads=cpu_threads,
+                    idle_unload=config.get("idle-unload"), engine_options=dict(
                         library=library, cache_models=config.get("cache-models", 2),
-                        cache_bytes=config.get("cache-bytes"), text_encoders=config.get("text-encoders", "device")))
+                        cache_bytes=config.get("cache-bytes"), text_encoders=config.get("text-encoders", "device"),
+                        preview_decoder=config.get("preview-decoder", "auto")))
         for index, device in enumerate(devices)
     ]
 
@@ -207,7 +209,21 @@ def makeService(config, reactor=None, pool=None):
         _http_door(config, core, reactor, pool).setServiceParent(top)
     if config.get("openai") is not None:
         _openai_door(config, core, reactor, pool).setServiceParent(top)
+    if config.get("metrics") is not None:
+        from runai.ops.wiring import front_metrics  # only with --metrics: prometheus_client loads then
+
+        site, started = front_metrics(config, reactor, core, workers)
+        metrics = announced_service(config["metrics"], site, started, reactor)
+        metrics.setName("metrics")
+        metrics.setServiceParent(top)
     return top
+
+
+def announced_service(description, factory, started, reactor):
+    """A service that listens on the endpoint ``description`` with ``factory``, and calls
+    ``started(port)`` once it does; a failure to listen ends the start (:class:`_Announced`)."""
+    endpoint = _Announced(endpoints.serverFromString(reactor, description), description, started, reactor)
+    return StreamServerEndpointService(endpoint, factory)
 
 
 def _openai_door(config, core, reactor, pool):

@@ -18,8 +18,11 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from runai.backends import memory as models_memory
+from runai.backends.idle import IdleTimer
 from runai.core import errors
 from runai.core.interfaces import IWorker
+from runai.core.memory import IMemoryControl
 
 
 def default_engine_factory(device, dtype, **options):
@@ -36,16 +39,21 @@ def _limit_cpu_threads(count):
     torch.set_num_threads(count)
 
 
-@implementer(IWorker)
+@implementer(IWorker, IMemoryControl)
 class LocalWorker(service.Service):
     """Runs jobs on ``device`` in its own thread; a Service that starts the thread (and
     loads torch and the engine in it, while the server already listens) and joins it."""
 
     log = Logger()
+    # Told the seconds of each model load, in the worker thread (--metrics); None: nobody.
+    load_observer = None
 
     def __init__(self, reactor, device="auto", dtype="auto", engine_factory=default_engine_factory, pool=None,
-                 engine_options=None, stop_timeout=5.0, name=None, cpu_threads=None):
+                 engine_options=None, stop_timeout=5.0, name=None, cpu_threads=None, idle_unload=None, clock=None):
         self.reactor = reactor
+        # --idle-unload: the models leave the device after that many seconds without a job.
+        self.idle = IdleTimer(clock or reactor, idle_unload, self._idle) if idle_unload else None
+        self._last_model = None  # what an unload dropped: what a reload loads again
         # How long a stop waits for the running step to end before the process goes on
         # without it (a step of a large batch on a slow device takes minutes).
         self.stop_timeout = stop_timeout
@@ -74,6 +82,8 @@ class LocalWorker(service.Service):
         (and answered) by the queue and stops at its next step. Fires when it has, or
         after ``stop_timeout`` seconds, whichever is first."""
         super().stopService()
+        if self.idle is not None:
+            self.idle.stop()
         if not any(thread.is_alive() for thread in getattr(self.pool, "threads", ())):
             self.pool.stop()
             return defer.succeed(None)
@@ -110,8 +120,37 @@ class LocalWorker(service.Service):
         loader = getattr(self._engine, "loader", None)
         return tuple(getattr(loader, "loaded_paths", ()))
 
+    def cache_bytes(self):
+        """Bytes of the weights the engine holds loaded now (a snapshot, safe to read here)."""
+        return getattr(getattr(self._engine, "loader", None), "loaded_bytes", 0)
+
     def run(self, job):
-        return deferToThreadPool(self.reactor, self.pool, self._execute, job).addErrback(self._error)
+        if self.idle is None:
+            return deferToThreadPool(self.reactor, self.pool, self._execute, job).addErrback(self._error)
+        self.idle.job_started()
+        d = deferToThreadPool(self.reactor, self.pool, self._execute, job).addErrback(self._error)
+        return d.addBoth(lambda result: (self.idle.job_finished(), result)[1])
+
+    # IMemoryControl: queued on the worker thread, after the running job.
+
+    def unload(self):
+        return deferToThreadPool(self.reactor, self.pool, self._unload)
+
+    def reload(self):
+        return deferToThreadPool(self.reactor, self.pool, self._reload)
+
+    def memory(self):
+        return deferToThreadPool(self.reactor, self.pool,
+                                 lambda: models_memory.device_memory(self._get_engine().device))
+
+    def _idle(self):
+        if not self.running:
+            return
+        seconds = self.idle.seconds
+        self.unload().addCallbacks(
+            lambda n: self.log.info("Idle for {seconds:g}s: unloaded {n} model(s) from {device}",
+                                    seconds=seconds, n=n, device=self.device) if n else None,
+            lambda f: self.log.failure("Unloading the idle models failed", f))
 
     def _error(self, failure):
         error = failure.value
@@ -136,7 +175,20 @@ class LocalWorker(service.Service):
             if self.cpu_threads is not None:
                 _limit_cpu_threads(self.cpu_threads)
             self._engine = self._engine_factory(self.device, self.dtype, **self.engine_options)
+            loader = getattr(self._engine, "loader", None)
+            if self.load_observer is not None and loader is not None:
+                loader.load_observer = self.load_observer
         return self._engine
+
+    def _unload(self):
+        if self._engine is None:
+            return 0
+        self._last_model = models_memory.remembered(self._engine) or self._last_model
+        return models_memory.unload(self._engine)
+
+    def _reload(self):
+        engine = self._get_engine()
+        return models_memory.reload(engine, models_memory.remembered(engine) or self._last_model)
 
     def _execute(self, job):
         if job.cancel_event.is_set():
@@ -160,6 +212,10 @@ class LocalWorker(service.Service):
     def _run_on(self, engine, job, call, on_progress):
         if job.request.action == "convert":
             return engine.convert(job.request, on_progress=on_progress, is_cancelled=job.cancel_event.is_set)
+        if job.request.action == "upscale":
+            return engine.upscale(job.request, on_progress=on_progress,
+                                  on_image=lambda image: call(lambda: job.listener.job_image(job, image)),
+                                  is_cancelled=job.cancel_event.is_set)
         return engine.generate(
             job.request,
             on_progress=on_progress,

@@ -1,5 +1,5 @@
 """Workers on other machines: jobs go through Redis Streams (``--broker``).
 
 Nothing here is imported unless ``--broker`` is given: a server without it makes no
-network connection. See the README, "Scale out: workers on other machines (Redis)".
+network connection. See docs/scale-out.md.
 """

@@ -21,6 +21,8 @@ from runai.core import errors
 from runai.core.images import EncodedImage
 from runai.core.hires import Hires
 from runai.core.requests import GenerationRequest, resolve_modules
+from runai.core.upscale import MAX_IMAGES as MAX_UPSCALE_IMAGES
+from runai.core.upscale import UpscaleRequest, find_upscaler
 from runai.models import embeddings, loras
 from runai.models.paths import resolve_model, safety_checker_path
 
@@ -123,8 +125,10 @@ def _image(fields, name):
 # Requests --------------------------------------------------------------------------------
 
 def encode_job(request, key, front):
-    """The stream fields of ``request`` (a GenerationRequest), job ``key``, replies to
-    ``front``."""
+    """The stream fields of ``request`` (a GenerationRequest or an UpscaleRequest), job
+    ``key``, replies to ``front``."""
+    if isinstance(request, UpscaleRequest):
+        return _encode_upscale(request, key, front)
     scalars = {name: getattr(request, name) for name in _SCALARS}
     # LoRAs travel by the name the prompt gave, with their weights: found again by the worker.
     scalars["loras"] = [[ref.name, ref.te, ref.unet] for ref in request.loras]
@@ -148,6 +152,8 @@ class WireJob:
         """The GenerationRequest, its model resolved in ``model_dir`` (this worker's own):
         raises RunaiError (``model_not_found``, ``path_outside_model_dir``)."""
         _check_version(self.fields)
+        if _text(self.fields.get("kind", b"")) == "upscale":
+            return _upscale_request(self.fields, Path(model_dir), self.key)
         try:
             scalars = json.loads(self.fields["request"])
             values = {name: scalars[name] for name in _SCALARS}
@@ -178,6 +184,40 @@ class WireJob:
                                  module_paths=module_paths,
                                  pixels=_image(self.fields, "pixels"), mask=_image(self.fields, "mask"), id=self.key,
                                  **values)
+
+
+# Upscale jobs: the upscaler by name (found again in the worker's folder), the pictures as
+# image0, image1, ... with their meta.
+_UPSCALE_SCALARS = {"upscaler": str, "scale": float, "width": int, "height": int, "crop": bool, "pos_x": int,
+                    "pos_y": int}
+
+
+def _encode_upscale(request, key, front):
+    scalars = {name: getattr(request, name) for name in _UPSCALE_SCALARS}
+    scalars.update(names=list(request.names), images=len(request.images))
+    fields = {"v": VERSION, "key": key, "front": front, "kind": "upscale", "request": json.dumps(scalars)}
+    for k, image in enumerate(request.images):
+        fields.update(_image_fields(f"image{k}", image))
+    return fields
+
+
+def _upscale_request(fields, model_dir, key):
+    try:
+        scalars = json.loads(fields["request"])
+        values = {name: scalars[name] for name in _UPSCALE_SCALARS}
+        count, names = scalars["images"], scalars.get("names") or []
+        if not all(_TYPES[kind](values[name]) for name, kind in _UPSCALE_SCALARS.items()):
+            raise TypeError("a scalar of the wrong type")
+        if not _whole(count) or not 1 <= count <= MAX_UPSCALE_IMAGES or not isinstance(names, list) \
+                or not all(isinstance(n, str) for n in names):
+            raise TypeError("malformed pictures")
+        images = tuple(_image(fields, f"image{k}") for k in range(count))
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise WireError(f"a job with a malformed upscale: {e!r}") from None
+    if any(image is None for image in images):
+        raise WireError("a job with a missing picture")
+    name, path = find_upscaler(values.pop("upscaler"), model_dir)
+    return UpscaleRequest(images=images, upscaler=name, upscaler_path=path, names=tuple(names), id=key, **values)
 
 
 def decode_job(entry):

@@ -19,8 +19,9 @@ from runai.broker.cancels import CancelListener
 from runai.broker.client import RedisConnection, make_redis
 from runai.broker.consumer import Consumer
 from runai.models.library import ModelLibrary
+from runai.ops import options as ops_options
 from runai.options import WORKER_PARAMETERS, WorkerOptions, _number, checked_model_dir
-from runai.tap import existing_temporary_folder, local_workers
+from runai.tap import announced_service, existing_temporary_folder, local_workers
 
 log = Logger(namespace="runai.worker")
 
@@ -41,7 +42,9 @@ class Options(WorkerOptions):
         ["max-deliveries", None, 3, "A job taken this many times without finishing fails instead of running "
                                     "again.", _number(int, "max-deliveries")],
         ["name", None, None, "This process's name among the workers (default: host-pid); each device adds -N."],
+        *ops_options.PARAMETERS,
     ]
+    optFlags = ops_options.FLAGS
 
     def postOptions(self):
         broker_options.check(self, required=True)
@@ -54,6 +57,7 @@ class Options(WorkerOptions):
             raise usage.UsageError("--shutdown-timeout must be a positive number of seconds")
         self["model-dir"] = checked_model_dir(self["model-dir"])
         self["name"] = self["name"] or f"{socket.gethostname()}-{os.getpid()}"
+        ops_options.check(self)
 
 
 class _Announce(service.Service):
@@ -87,9 +91,17 @@ def makeService(config, reactor=None):
     connection = RedisConnection(make_redis(config["broker-address"]), reactor, threads=2 * len(workers) + 4)
     connection.setServiceParent(top)
     consumers = []
+    served = workers
+    if config.get("metrics") is not None:
+        from runai.ops.wiring import worker_metrics  # only with --metrics: prometheus_client loads then
+
+        served, site, started = worker_metrics(config, reactor, workers)
+        metrics = announced_service(config["metrics"], site, started, reactor)
+        metrics.setName("metrics")
+        metrics.setServiceParent(top)
     for index, worker in enumerate(workers):
         worker.setServiceParent(top)
-        consumer = Consumer(connection, worker, reactor, config["model-dir"], f"{config['name']}-{index}",
+        consumer = Consumer(connection, served[index], reactor, config["model-dir"], f"{config['name']}-{index}",
                             deadline=config["claim-timeout"], max_deliveries=config["max-deliveries"],
                             device=worker.device)
         consumer.setServiceParent(top)

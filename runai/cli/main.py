@@ -8,7 +8,9 @@ import sys
 from runai.cli import generate as generate_cli
 from runai.cli import history as history_cli
 from runai.cli import models as library_cli
-from runai.cli import systemd as systemd_cli
+from runai.cli import pull as pull_cli
+from runai.cli import systemd_worker as systemd_cli
+from runai.cli import upscale as upscale_cli
 from runai.cli.common import CommandError, connect, connection_options, end_progress
 from runai.client import ServerError
 from runai.core import errors
@@ -39,6 +41,7 @@ def parser():
     commands = top.add_subparsers(dest="command", required=True)
 
     generate_cli.add_commands(commands, common)
+    upscale_cli.add_commands(commands, common)
 
     p = commands.add_parser("ping", parents=[common], help="check that the server answers")
     p.set_defaults(func=ping)
@@ -46,6 +49,7 @@ def parser():
     history_cli.add_commands(commands, common)
     library_cli.add_commands(commands, common)
     systemd_cli.add_commands(commands)
+    pull_cli.add_commands(commands)
     return top
 
 

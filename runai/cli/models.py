@@ -31,7 +31,7 @@ def models_command(args):
         return 0
     if not models:
         print("no models: the server's model folder (its --model-dir, ~/stablediffusion by default) holds no "
-              "diffusers folder, .safetensors or .ckpt file; see the README's \"The model folder\"")
+              "diffusers folder, .safetensors or .ckpt file; see docs/models.md, \"The model folder\"")
         return 0
     for m in models:
         flags = [m["format"], m["version"]]

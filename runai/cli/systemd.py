@@ -4,7 +4,7 @@
 The unit names this install's real paths: the ``twistd`` beside the Python that runs
 this command (the virtual environment's), the folder that holds the ``runai`` package
 (the checkout, for the README's install) as working directory, and the model folder,
-so that ``systemd-analyze verify`` passes once it is installed as the README says.
+so that ``systemd-analyze verify`` passes once it is installed as docs/operations.md says.
 ``systemd/runai@.service`` in the checkout is the same unit in template form, for a
 checkout in ``~/runai`` (:func:`template_unit`; a test keeps the two the same).
 """
@@ -22,8 +22,7 @@ import runai
 PATH_OPTIONS = ("--db", "--db-key-file", "--token-file")
 MODEL_DIR_OPTIONS = ("-m", "--model-dir")
 
-SANDBOX = """\
-# Sandboxing: nothing to write, nothing to reach but loopback clients.
+SANDBOX_RULES = """\
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=read-only
@@ -40,19 +39,25 @@ RestrictSUIDSGID=yes
 LockPersonality=yes
 SystemCallArchitectures=native
 RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+"""
+LOOPBACK_ONLY = """\
 # No network egress: only loopback traffic passes. Serving a LAN (--listen with
 # interface=0.0.0.0) needs IPAddressAllow= for that network as well.
 IPAddressDeny=any
 IPAddressAllow=localhost
+"""
+GPU = """\
 # The GPU: /dev/nvidia* stay visible (no PrivateDevices=). Where the devices are not
 # world-accessible, add SupplementaryGroups= with the group that owns them.
 """
+SANDBOX = ("# Sandboxing: nothing to write, nothing to reach but loopback clients.\n"
+           + SANDBOX_RULES + LOOPBACK_ONLY + GPU)
 
 TEMPLATE_HEADER = """\
 # runai as a system service for one user: `runai@alice` runs as alice, serves the models in
 # /home/alice/stablediffusion from the checkout in /home/alice/runai (set up with the
 # README's first command). A checkout anywhere else: print a unit with its real paths
-# instead, `.venv/bin/runai systemd-unit > runai.service` (the README's "systemd"); this
+# instead, `.venv/bin/runai systemd-unit > runai.service` (docs/operations.md#systemd); this
 # file is that unit in template form. For a checkout in ~/runai:
 #   sudo cp systemd/runai@.service /etc/systemd/system/
 #   sudo systemctl enable --now runai@$USER
@@ -89,7 +94,7 @@ def unit_text(header, description, user, home, twistd, workdir, model_dir, optio
         f"User={user}",
         "# Foreground, no pid file, logs to stdout (journald): twistd leaves no file behind.",
         "ExecStart=" + " ".join(exec_word(w, specifiers) for w in command),
-        "# Serving a LAN over TLS (the README's \"TLS, for a server on a LAN\"): the key, its",
+        "# Serving a LAN over TLS (docs/tls.md, \"TLS, for a server on a LAN\"): the key, its",
         f"# certificate and the token live in {home}/.config/runai/, a folder of mode 700 whose",
         f"# key.pem and token are mode 600: readable by {user}, the service's user, only (the service",
         "# reads them at start; it never needs them writable). Append to the ExecStart= line:",
@@ -181,7 +186,7 @@ def install_unit(user=None, model_dir=None, options=()):
     header = (
         f"# runai as a system service: {user} runs the server of the install in {workdir}.\n"
         f"# Made by: {shlex.join(made_by)}\n"
-        "# Install it (the README's \"systemd\"):\n"
+        "# Install it (docs/operations.md#systemd):\n"
         "#   sudo install -m 644 runai.service /etc/systemd/system/runai.service\n"
         "#   sudo systemctl daemon-reload && sudo systemctl enable --now runai\n"
         "#   journalctl -u runai -f\n"
@@ -192,8 +197,14 @@ def install_unit(user=None, model_dir=None, options=()):
 
 
 def systemd_unit_command(args):
+    return print_unit(install_unit, args.user, args.model_dir, args.options)
+
+
+def print_unit(make, *arguments):
+    """The unit ``make(*arguments)`` gives on stdout and its warnings on stderr: 0; or its
+    UnitError on stderr: 1."""
     try:
-        text, warnings = install_unit(args.user, args.model_dir, args.options)
+        text, warnings = make(*arguments)
     except UnitError as e:
         print(f"runai systemd-unit: {e}", file=sys.stderr)
         return 1
@@ -207,7 +218,7 @@ def add_commands(commands):
     u = commands.add_parser(
         "systemd-unit", help="print a systemd unit (runai.service) that runs this install's server",
         description="Print a systemd unit that runs this install's twistd runai, with its real paths: "
-                    "save it as runai.service and install it as the README's \"systemd\" says. Options "
+                    "save it as runai.service and install it as docs/operations.md#systemd says. Options "
                     "after -- are added to twistd runai's (e.g. -- --port 6000 --db ~/runai.db).",
     )
     u.add_argument("--user", default=None, help="the user the server runs as (default: you)")
@@ -215,3 +226,4 @@ def add_commands(commands):
                    help="the model folder (default: the user's ~/stablediffusion)")
     u.add_argument("options", nargs=argparse.REMAINDER, help="-- then more twistd runai options")
     u.set_defaults(func=systemd_unit_command)
+    return u

@@ -2,12 +2,12 @@
 """The errors a client can be told about, each with a stable machine-readable code.
 
 Clients branch on ``code``; ``message`` is for people. Keep codes stable: they are part
-of the protocol documented in the README.
+of the protocol documented in docs/socket-protocol.md.
 """
 
 import os
 
-# Codes, in one place so that the README, the server and the client agree.
+# Codes, in one place so that the docs, the server and the client agree.
 BAD_ENCODING = "bad_encoding"  # the message is not UTF-8
 BAD_JSON = "bad_json"  # the message is not JSON, or not a JSON object
 UNKNOWN_ACTION = "unknown_action"

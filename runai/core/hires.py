@@ -8,13 +8,15 @@ AUTOMATIC1111's, on both doors: ``enable_hr``, ``hr_scale`` (or ``hr_resize_x`` 
 ``hr_resize_y``), ``hr_upscaler``, ``hr_second_pass_steps`` (0: as ``steps``),
 ``hr_prompt``, ``hr_negative_prompt``, and the second pass's scheduler (``hr_scheduler``;
 ``hr_sampler_name`` over HTTP); ``denoising_strength`` (``strength`` on the socket) is the
-second pass's.
+second pass's. ``hr_upscaler`` is a latent mode, a built-in pixel upscaler, or a model
+upscaler of the model folder by its name (``4x-UltraSharp``).
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
 from runai.core import errors
+from runai.models import upscalers
 
 # AUTOMATIC1111's latent upscale modes -> (torch interpolation mode, antialias).
 LATENT_UPSCALE_MODES = {
@@ -57,6 +59,18 @@ def upscaler_names():
     return tuple(LATENT_UPSCALE_MODES) + PIXEL_UPSCALERS
 
 
+def _check_model_upscaler(name, model_dir):
+    """RunaiError unless ``name`` is a model upscaler of ``model_dir``: the worker finds it
+    by name in its own folder (a broker's worker too)."""
+    if model_dir is None:
+        raise errors.RunaiError(
+            errors.BAD_REQUEST, f"unknown hr_upscaler {name[:64]!r}; known: {', '.join(upscaler_names())}")
+    try:
+        upscalers.find(model_dir, name, upscaler_names())
+    except errors.RunaiError as e:
+        raise errors.RunaiError(e.code, f"hr_upscaler: {e.message}") from None
+
+
 def _final_size(fields, width, height, limits, multiple):
     """The second pass's size: ``hr_resize_x``/``hr_resize_y`` (one of them: the other
     keeps the aspect ratio), else ``hr_scale`` times the first pass's."""
@@ -79,9 +93,11 @@ def _final_size(fields, width, height, limits, multiple):
     return final_w, final_h, scale
 
 
-def hires_request(fields, limits, width, height, steps, n_samples, multiple, check_scheduler, inpainting=False):
+def hires_request(fields, limits, width, height, steps, n_samples, multiple, check_scheduler, inpainting=False,
+                  model_dir=None):
     """The :class:`Hires` of a txt2img request with ``enable_hr``, else None; raises
-    RunaiError. ``check_scheduler(name)`` validates the second pass's scheduler."""
+    RunaiError. ``check_scheduler(name)`` validates the second pass's scheduler;
+    ``hr_upscaler`` may name a model upscaler of ``model_dir`` (:mod:`runai.models.upscalers`)."""
     if not fields.boolean("enable_hr"):
         return None
     if inpainting:
@@ -94,8 +110,7 @@ def hires_request(fields, limits, width, height, steps, n_samples, multiple, che
             f"the limit is {limits.max_batch_pixels}")
     upscaler = fields.string("hr_upscaler", default=DEFAULT_UPSCALER, max_chars=128) or DEFAULT_UPSCALER
     if upscaler not in upscaler_names():
-        raise errors.RunaiError(
-            errors.BAD_REQUEST, f"unknown hr_upscaler {upscaler[:64]!r}; known: {', '.join(upscaler_names())}")
+        _check_model_upscaler(upscaler, model_dir)
     second_steps = fields.integer("hr_second_pass_steps", 0, 0, limits.max_steps) or steps
     strength = fields.number("strength", DEFAULT_STRENGTH, 0.0, 1.0)
     if int(second_steps * strength) < 1:

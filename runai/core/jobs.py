@@ -3,6 +3,7 @@
 
 import itertools
 import threading
+import time
 
 from zope.interface import implementer
 
@@ -77,8 +78,19 @@ class Job:
         self.owner = owner
         self.listener = listener
         self.cancel_event = threading.Event()
+        # When it entered each state (time.monotonic()), for the queue and run times of --metrics.
+        self.stamps = {}
         self.state = "new"
         self.position = None
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        self._state = value
+        self.stamps[value] = time.monotonic()
 
     @property
     def id(self):

@@ -251,7 +251,8 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
     if action == "txt2img":
         hires = hires_request(fields, limits, width, height, steps, n_samples, multiple,
                               lambda name: _check_scheduler(name, family),
-                              inpainting=bool(classification is not None and classification.inpainting))
+                              inpainting=bool(classification is not None and classification.inpainting),
+                              model_dir=model_dir)
     if hires is not None:
         parsed += [_parse(fields, "hr_prompt", hires.prompt),
                    _parse(fields, "hr_negative_prompt", hires.negative_prompt)]

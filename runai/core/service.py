@@ -13,13 +13,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from runai.core import errors
+from runai.core import memory as memory_ops
 from runai.core.interfaces import IJobListener
 from runai.core.jobs import Job, Listeners, NullListener
 from runai.core.requests import ConvertRequest
+from runai.core.upscale import UpscaleRequest
 
 
 def _input_bytes(request):
-    images = (getattr(request, "pixels", None), getattr(request, "mask", None))
+    images = (getattr(request, "pixels", None), getattr(request, "mask", None)) + getattr(request, "images", ())
     return sum(len(image.data) for image in images if image is not None)
 
 
@@ -56,6 +58,8 @@ class Core:
     thread (``pool`` None: in line, for tests)."""
 
     log = Logger()
+    # --metrics: a runai.ops.metrics.Metrics that hears every job and refusal; None: off.
+    metrics = None
 
     # Queued jobs hold their clients' images until they run: bound that memory.
     max_queued_input_bytes_per_owner = 128 * 1024 * 1024
@@ -88,6 +92,19 @@ class Core:
         """Queue ``request`` for ``owner``; returns its Job, or raises RunaiError (the job
         was not queued, and ``listener`` hears nothing of it). ``held_bytes``: what the door
         keeps for the job beyond the request, counted with its images."""
+        try:
+            return self._submit(request, owner, listener, held_bytes)
+        except errors.RunaiError as e:
+            self.refused(e)
+            raise
+
+    def refused(self, error):
+        """A door answered ``error`` (a RunaiError) instead of making a job: counted with
+        --metrics (once per error, whichever door or the core says it first)."""
+        if self.metrics is not None:
+            self.metrics.count_refused(error)
+
+    def _submit(self, request, owner, listener, held_bytes):
         self._check_input_bytes(owner, _input_bytes(request) + held_bytes)
         if getattr(request, "nsfw_filter", False) and request.safety_checker is None:
             if self.refuse_unchecked:
@@ -99,7 +116,9 @@ class Core:
             self.log.warn("do_nsfw_filter asked for, but no safety checker is installed: "
                           "images go out marked nsfw_checked=false")
         listeners = [listener, _JOB_LOG]
-        if self.recorder is not None and not isinstance(request, ConvertRequest):
+        if self.metrics is not None:  # first: it marks a failed job's error before the door answers it
+            listeners.insert(0, self.metrics.job_listener(listener))
+        if self.recorder is not None and not isinstance(request, (ConvertRequest, UpscaleRequest)):
             listeners.append(self.recorder.listener(request))
         job = Job(request, owner, Listeners(*listeners))
         job.held_bytes = held_bytes
@@ -112,6 +131,10 @@ class Core:
         if isinstance(request, ConvertRequest):
             self.log.info("Job {serial}: convert {model} into {target}",
                           serial=job.serial, model=request.model_name, target=request.target_name)
+            return
+        if isinstance(request, UpscaleRequest):
+            self.log.info("Job {serial}: upscale {n} picture(s) with {upscaler}", serial=job.serial,
+                          n=request.image_count, upscaler=request.upscaler)
             return
         self.log.info("Job {serial}: {action} of {model}, {n} image(s), {steps} steps, {w}x{h}",
                       serial=job.serial, action=request.action, model=request.model_name,
@@ -151,6 +174,20 @@ class Core:
     def workers_alive(self):
         """How many workers can take jobs: this server's, or the broker's workers seen lately."""
         return self.backend.workers_alive
+
+    # Memory (runai.core.memory): the back end's workers, between jobs ---------------------
+
+    def unload_models(self):
+        """A Deferred of how many models left the devices (each worker's, after its job)."""
+        return memory_ops.unload(self.backend)
+
+    def reload_models(self):
+        """A Deferred of how many models the workers loaded again (each the one it used last)."""
+        return memory_ops.reload(self.backend)
+
+    def memory(self):
+        """A Deferred of ``{"ram": {...}, "devices": [{...}, ...]}`` (:func:`runai.core.memory.memory`)."""
+        return memory_ops.memory(self.backend)
 
     # Models ----------------------------------------------------------------------------
 

@@ -26,8 +26,9 @@ from runai.core.requests import GENERATION_ACTIONS
 from runai.engine import hires as hires_fix
 from runai.engine import modes
 from runai.engine.device import resolve_device, resolve_dtype
+from runai.engine.previews import Previews
 from runai.engine.safety import SafetyChecker
-from runai.models import lora_apply
+from runai.models import lora_apply, upscaler_load
 from runai.models.cache import ModelLoader
 
 del offline  # imported for what importing it does
@@ -107,7 +108,7 @@ class Engine:
     """
 
     def __init__(self, device="auto", dtype="auto", library=None, cache_models=1, cache_bytes=None,
-                 text_encoders="device"):
+                 text_encoders="device", preview_decoder="auto"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         # Loading, single files and the cache of loaded models live in runai.models.
@@ -115,6 +116,8 @@ class Engine:
                                   dtype_auto=dtype in (None, "auto"), text_encoders=text_encoders)
         self._modes = modes.ModePipelines()
         self._safety = None
+        # Previews mid-job: TAESD where its weights are in the model folder, else the linear map.
+        self._previews = Previews(self.loader.model_dir, self.device, self.dtype, preview_decoder)
         log.info("engine on {device} with {dtype}", device=str(self.device), dtype=str(self.dtype))
 
     # -- model ------------------------------------------------------------------------
@@ -151,6 +154,9 @@ class Engine:
         return current.scheduler_config if current is not None else None
 
     def unload(self):
+        self._safety = None  # the NSFW checker's weights too: it loads again when asked for
+        upscaler_load.forget()  # and the upscalers' (runai.engine.upscale loads them again)
+        self._previews.forget()  # and the TAESD preview decoders'
         self.loader.unload()
 
     def _free_memory(self):
@@ -164,6 +170,13 @@ class Engine:
         from runai.models import convert
 
         return convert.run_request(request, self.loader, on_progress, is_cancelled)
+
+    def upscale(self, request, on_progress, on_image, is_cancelled):
+        """Run an upscale request (:mod:`runai.engine.upscale`); returns the picture count."""
+        from runai.engine import upscale
+
+        return upscale.run_request(request, self.device, self.dtype, self.loader.model_dir, on_progress, on_image,
+                                   is_cancelled)
 
     # -- generation -------------------------------------------------------------------
 
@@ -301,9 +314,9 @@ class Engine:
             progress.done = start + i + 1
             every = request.preview_every
             if every and (i + 1) % every == 0 and "latents" in callback_kwargs:
-                # Here, in the worker: a linear map and a PNG of one pixel per latent.
-                preview = families.for_pipeline(pipeline).preview(
-                    callback_kwargs["latents"], request.height, request.width)
+                # Here, in the worker: TAESD, or a linear map and a PNG of one pixel per latent.
+                preview = self._previews.picture(families.for_pipeline(pipeline),
+                                                 callback_kwargs["latents"], request.height, request.width)
                 on_progress(progress.done, progress.total(per_run(pipeline)), encode_png(preview))
             else:
                 on_progress(progress.done, progress.total(per_run(pipeline)))

@@ -5,18 +5,17 @@ pass (img2img at the final size) on the same loaded model. Worker thread only.
 The first pass of a latent upscale ends in latents (no decode); they are resized in
 latent space (:meth:`runai.families.base.Family.upscale_latents`: packed ones are
 unpacked first) and handed to the family's img2img pipeline as its starting latents. A
-pixel upscaler (Lanczos, Nearest, None: a plain resize) works on the decoded first pass.
+pixel upscaler (Lanczos, Nearest, None: a plain resize) or a model upscaler (ESRGAN and its
+family, :mod:`runai.engine.upscale`) works on the decoded first pass.
 Progress counts both passes; a cancel stops either; the second pass has its own steps,
 denoising strength, prompts and scheduler where the request gives them.
 """
 
 from dataclasses import replace
 
-from PIL import Image
+from runai.engine import modes, upscale
 
-from runai.engine import modes
-
-PIXEL_FILTERS = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST, "None": Image.BICUBIC}
+PIXEL_FILTERS = upscale.PIXEL_FILTERS
 
 
 def run(engine, base, family, pipe, request, seeds, progress, on_progress, is_cancelled, mode_kwargs, text):
@@ -39,7 +38,10 @@ def run(engine, base, family, pipe, request, seeds, progress, on_progress, is_ca
         image = family.upscale_latents(out, request.height, request.width, hires.height, hires.width, mode,
                                        antialias)
     else:
-        image = [picture.resize((hires.width, hires.height), PIXEL_FILTERS[hires.upscaler]) for picture in out]
+        # A built-in filter, or a model upscaler found by name in this worker's model folder.
+        upscaler = upscale.Upscaler(hires.upscaler, model_dir=engine.loader.model_dir, device=engine.device,
+                                    dtype=engine.dtype)
+        image = [upscaler(picture, hires.width, hires.height, is_cancelled=is_cancelled) for picture in out]
     del out
 
     second = replace(request, width=hires.width, height=hires.height, steps=hires.steps,

@@ -37,6 +37,9 @@ class LatentFormat:
     # the ones ComfyUI's previews use for each family).
     rgb_factors: tuple = ()
     rgb_bias: tuple = (0.0, 0.0, 0.0)
+    # The TAESD decoder that previews the latents at full size when its weights are in the
+    # model folder (``taesd``: ``VAE-approx/taesd_decoder.safetensors``, ...); "": none.
+    taesd: str = ""
 
 
 @dataclass(frozen=True)

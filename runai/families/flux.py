@@ -47,7 +47,7 @@ class Flux(FlowFamily):
         (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
         (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
         (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499),
-        (-0.1262, -0.0982, -0.0778)), rgb_bias=(-0.0329, -0.0718, -0.0851))
+        (-0.1262, -0.0982, -0.0778)), rgb_bias=(-0.0329, -0.0718, -0.0851), taesd="taef1")
     weight_folders = ("transformer", "vae", "text_encoder", "text_encoder_2")
     schedulers = SCHEDULERS
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline")

@@ -20,7 +20,7 @@ from runai.models.classify import V1, V2
 class StableDiffusion(Family):
     versions = (V1, V2)
     label = "Stable Diffusion 1.x/2.x"
-    latent = LatentFormat(channels=4, scaling_factor=0.18215, rgb_factors=(
+    latent = LatentFormat(channels=4, scaling_factor=0.18215, taesd="taesd", rgb_factors=(
         (0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177)))
     weight_folders = ("unet", "vae", "text_encoder")
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",

@@ -28,7 +28,7 @@ PIPELINE_MODULE = "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffus
 class StableDiffusion3(FlowFamily):
     versions = (VERSION,)
     label = "SD3"
-    latent = LatentFormat(channels=16, scaling_factor=1.5305, shift_factor=0.0609, rgb_factors=(
+    latent = LatentFormat(channels=16, scaling_factor=1.5305, shift_factor=0.0609, taesd="taesd3", rgb_factors=(
         (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458), (0.0856, 0.0339, 0.0902),
         (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309), (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358),
         (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),

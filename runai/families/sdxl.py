@@ -29,7 +29,7 @@ PIPELINE_MODULE = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffu
 class StableDiffusionXL(Family):
     versions = (VERSION,)
     label = "SDXL"
-    latent = LatentFormat(channels=4, scaling_factor=0.13025, rgb_factors=(
+    latent = LatentFormat(channels=4, scaling_factor=0.13025, taesd="taesdxl", rgb_factors=(
         (0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
         rgb_bias=(0.1084, -0.0175, -0.0011))
     weight_folders = ("unet", "vae", "text_encoder", "text_encoder_2")

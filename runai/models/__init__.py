@@ -9,6 +9,7 @@ and :mod:`~runai.models.pickle_walk` (reading checkpoint files without trusting 
 Worker thread only (torch and diffusers): :mod:`~runai.models.singlefile` (a pipeline from
 one ``.safetensors``/``.ckpt``), :mod:`~runai.models.cache` (loading, and the LRU cache of
 loaded pipelines), :mod:`~runai.models.convert` with :mod:`~runai.models.ldm_layout` and
-:mod:`~runai.models.atomic` (single file <-> diffusers folder). :mod:`~runai.models.offline`
+:mod:`~runai.models.atomic` (single file <-> diffusers folder), :mod:`~runai.models.taesd`
+(TAESD preview decoders in the model folder). :mod:`~runai.models.offline`
 keeps the Hub away from all of them.
 """

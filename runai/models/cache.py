@@ -19,6 +19,7 @@ import collections
 import copy
 import gc
 import importlib
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -72,6 +73,23 @@ class Loaded:
     loras: object = None  # the LoRAs merged into its weights (runai.models.lora_apply.Merged)
 
 
+
+# Bytes: torch's CPU kernels choose their path by where a weight starts, and weights that
+# diffusers reads straight from a folder's safetensors mapping start at the file's offsets.
+WEIGHT_ALIGNMENT = 64
+
+
+def align_weights(pipe):
+    """Give every weight of ``pipe`` that starts off a 64-byte boundary memory of its own,
+    so that a model computes the same pixels on the CPU whether it came from a folder or a
+    single file (torch 2.14's kernels differ in the last bits between the two)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in itertools.chain(component.parameters(), component.buffers()):
+                if tensor.data_ptr() % WEIGHT_ALIGNMENT:
+                    tensor.data = tensor.data.clone(memory_format=torch.preserve_format)
+
+
 TEXT_ENCODER_PLACES = ("device", "cpu")
 
 
@@ -94,8 +112,12 @@ class ModelLoader:
     The cache holds at most ``max_models`` pipelines and, when ``max_bytes`` is set, at
     most that many bytes of weights (the model in use always stays, even if alone it is
     larger). ``load_count`` counts loads from disk; ``loaded_paths`` is a snapshot that
-    other threads may read.
+    other threads may read, and ``loaded_bytes`` the bytes of their weights.
     """
+
+    # Told the seconds of each load from disk, in the loading thread (--metrics); None: nobody.
+    load_observer = None
+    loaded_bytes = 0
 
     def __init__(self, device, dtype, library=None, max_models=1, max_bytes=None, dtype_auto=False,
                  text_encoders="device"):
@@ -181,6 +203,8 @@ class ModelLoader:
         self._cache[path] = entry
         self.current = entry
         self.load_count += 1
+        if self.load_observer is not None:
+            self.load_observer(entry.seconds)  # --metrics (runai.ops.metrics)
         self._trim(keep=path)
         self._publish()
         log.info("loaded model {name} in {seconds:.1f}s ({mb} MB); {n} model(s) cached",
@@ -210,8 +234,12 @@ class ModelLoader:
         """(pipe, None, False) or (None, cause, out_of_memory)."""
         def load():
             if os.path.isdir(path):
-                return self._load_folder(path, dtype)
-            return self._load_file(path, name, dtype, modules)
+                pipe = self._load_folder(path, dtype)
+            else:
+                pipe = self._load_file(path, name, dtype, modules)
+            if self.device.type == "cpu":
+                align_weights(pipe)
+            return pipe
 
         try:
             # One load at a time in the process (diffusers and transformers patch torch
@@ -323,6 +351,7 @@ class ModelLoader:
 
     def _publish(self):
         self.loaded_paths = tuple(self._cache)
+        self.loaded_bytes = sum(entry.nbytes for entry in self._cache.values())
 
     def unload(self, model_path=None):
         """Unload one model, or all of them, and give their memory back to the device."""

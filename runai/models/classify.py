@@ -17,7 +17,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from runai.models import flowparts
+from runai.models import flowparts, upscaler_keys
 from runai.models.paths import contained, read_json
 
 log = Logger()
@@ -52,7 +52,8 @@ class Classification:
     """What a model's content says it is."""
 
     # "pipeline" (a whole SD model), "refiner" (SDXL's second stage), "vae", "lora",
-    # "embedding", "text_encoder" (SD3's and FLUX.1's companion files), "unknown"
+    # "embedding", "text_encoder" (SD3's and FLUX.1's companion files), "upscaler"
+    # (ESRGAN and its family, runai.models.upscalers), "unknown"
     kind: str = UNKNOWN
     version: str = UNKNOWN
     inpainting: bool = False
@@ -196,6 +197,9 @@ def _non_pipeline(shapes):
         variant = flowparts.text_encoder_variant(shapes)
         if variant is not None:
             return Classification(kind="text_encoder", variant=variant)
+        arch = upscaler_keys.detect(upscaler_keys.unwrap(shapes))
+        if arch is not None:  # ESRGAN and its family: listed, never served as a checkpoint
+            return Classification(kind="upscaler", variant=arch.name)
     return Classification(kind=kind)
 
 

@@ -249,20 +249,8 @@ class EmbeddingIndex:
                  widths="+".join(map(str, widths)) if widths else "it takes no embeddings")
 
 
-_indexes = {}
-_indexes_lock = threading.Lock()
-
-
-def index(model_dir):
-    """The :class:`EmbeddingIndex` of ``model_dir``, one per folder for the process."""
-    key = os.path.realpath(model_dir)
-    with _indexes_lock:
-        found = _indexes.get(key)
-        if found is None:
-            if len(_indexes) > 16:
-                _indexes.clear()
-            found = _indexes[key] = EmbeddingIndex(key)
-        return found
+# index(model_dir): the :class:`EmbeddingIndex` of that folder, one per folder for the process.
+index = walk.PerFolder(EmbeddingIndex)
 
 
 def resolve(model_dir, model_path, family, classification, parsed, model_name=""):

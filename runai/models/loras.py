@@ -205,20 +205,8 @@ class LoraIndex:
         raise errors.RunaiError(errors.MODEL_NOT_FOUND, f"no LoRA named {name!r} in the model folder")
 
 
-_indexes = {}
-_indexes_lock = threading.Lock()
-
-
-def index(model_dir):
-    """The :class:`LoraIndex` of ``model_dir``, one per folder for the process."""
-    key = os.path.realpath(model_dir)
-    with _indexes_lock:
-        found = _indexes.get(key)
-        if found is None:
-            if len(_indexes) > 16:
-                _indexes.clear()
-            found = _indexes[key] = LoraIndex(key)
-        return found
+# index(model_dir): the :class:`LoraIndex` of that folder, one per folder for the process.
+index = walk.PerFolder(LoraIndex)
 
 
 def _weight(value, what, name):

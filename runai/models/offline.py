@@ -28,6 +28,9 @@ ENVIRONMENT = {
     "DISABLE_TELEMETRY": "1",
     # Progress bars would go to the server's stderr, one line per load and per image.
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # transformers fetches attention kernels from the Hub by default on CUDA, and fails a
+    # load where the `kernels` package is missing.
+    "USE_HUB_KERNELS": "NO",
 }
 
 _log = Logger(namespace="runai.libraries")

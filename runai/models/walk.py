@@ -11,6 +11,7 @@ Torch-free: indexes walk on the reactor's thread pool or on the reactor itself.
 """
 
 import os
+import threading
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -71,3 +72,23 @@ def changed(folders):
         except OSError:
             return True
     return False
+
+
+class PerFolder:
+    """One index per model folder for the process: ``PerFolder(make)(model_dir)`` is
+    ``make(realpath)``, built once (at most 16 folders kept; tests make many)."""
+
+    def __init__(self, make):
+        self._make = make
+        self._indexes = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, model_dir):
+        key = os.path.realpath(model_dir)
+        with self._lock:
+            found = self._indexes.get(key)
+            if found is None:
+                if len(self._indexes) > 16:
+                    self._indexes.clear()
+                found = self._indexes[key] = self._make(key)
+            return found

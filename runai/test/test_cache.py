@@ -281,3 +281,28 @@ class SdxlSizeTests(LoaderTestCase):
         for name in names:
             engine.load(str(xl_models() / name), name)
         self.assertEqual(len(engine.loader.loaded_paths), 2)
+
+
+class AlignWeightsTests(SynchronousTestCase):
+    """Weights read straight from a safetensors mapping start wherever the file put them;
+    on the CPU they get memory of their own, 64-byte aligned, so a folder computes what
+    the same weights from a single file compute."""
+
+    def test_misaligned_weights_are_copied_and_aligned_ones_kept(self):
+        class Pipe:
+            pass
+
+        storage = torch.arange(40, dtype=torch.float32)
+        layer = torch.nn.Linear(4, 4)
+        layer.weight.data = storage[3:19].view(4, 4)  # 12 bytes into its storage
+        layer.bias.data = storage[16:20]  # 64 bytes in: aligned if the storage is
+        pipe = Pipe()
+        pipe.components = {"unet": layer, "tokenizer": object(), "nothing": None}
+        bias = layer.bias.data_ptr()
+        expected = layer(torch.ones(1, 4))
+        self.assertTrue(layer.weight.data_ptr() % cache.WEIGHT_ALIGNMENT)
+        cache.align_weights(pipe)
+        self.assertEqual(layer.weight.data_ptr() % cache.WEIGHT_ALIGNMENT, 0)
+        self.assertEqual(layer.bias.data_ptr() == bias, bias % cache.WEIGHT_ALIGNMENT == 0)
+        self.assertTrue(torch.equal(layer(torch.ones(1, 4)), expected))
+        self.assertTrue(torch.equal(layer.weight, torch.arange(3, 19, dtype=torch.float32).view(4, 4)))

@@ -51,7 +51,7 @@ class ModelsTests(SynchronousTestCase):
     def test_an_empty_model_folder_is_said(self):
         self.assertEqual(self.listing([]),
                          "no models: the server's model folder (its --model-dir, ~/stablediffusion by default) "
-                         "holds no diffusers folder, .safetensors or .ckpt file; see the README's "
+                         "holds no diffusers folder, .safetensors or .ckpt file; see docs/models.md, "
                          "\"The model folder\"\n")
         self.assertEqual(self.listing([], "--json"), "[]\n")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import runai
-from runai.cli import main, systemd
+from runai.cli import main, systemd, systemd_worker
 
 CHECKOUT = Path(runai.__file__).resolve().parent.parent
 
@@ -156,3 +156,80 @@ class VerifyTests(SynchronousTestCase):
         result = self.verify(systemd.template_unit().replace("%i", "nobody-here"))
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("/home/nobody-here/runai/.venv/bin/twistd", result.stderr)
+
+    def test_the_worker_unit_verifies(self):
+        models = os.path.realpath(self.mktemp())
+        os.makedirs(models)
+        for broker in ("redis://10.0.0.1:6379/0", "rediss://redis.example:6380/1"):
+            text, _ = systemd_worker.worker_unit(broker, model_dir=models, password_file="/etc/runai/redis.pass",
+                                                 options=["--", "--device", "cpu"])
+            result = self.verify(text)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertNotIn("runai.service", result.stdout + result.stderr)
+
+
+class WorkerUnitTests(SynchronousTestCase):
+    """``runai systemd-unit --worker``: twistd runai-worker with the server's sandbox, the
+    broker's address let through, and no password on the command line."""
+
+    unit = UnitTests.unit
+
+    def setUp(self):
+        self.models = os.path.realpath(self.mktemp())
+        os.makedirs(self.models)
+        self.user = pwd.getpwuid(os.geteuid()).pw_name
+
+    def test_the_workers_command_line(self):
+        here = os.path.abspath(".")
+        status, text, stderr = self.unit("--worker", "--broker", "redis://10.0.0.1:6379/0", "--broker-password-file",
+                                         "redis.pass", "--model-dir", self.models, "--", "--device", "cuda:0",
+                                         "--device", "cuda:1", "--broker-ca-file=ca.pem")
+        self.assertEqual(status, 0, stderr)
+        twistd = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "twistd")
+        self.assertEqual(exec_start(text), [
+            twistd, "--nodaemon", "--pidfile=", "--logfile=-", "runai-worker", "--broker", "redis://10.0.0.1:6379/0",
+            "--broker-password-file", os.path.join(here, "redis.pass"), "--model-dir", self.models,
+            "--device", "cuda:0", "--device", "cuda:1", f"--broker-ca-file={here}/ca.pem"])
+        found = directives(text)
+        self.assertEqual((found["User"], found["Type"], found["WorkingDirectory"]),
+                         ([self.user], ["simple"], [str(CHECKOUT)]))
+        self.assertEqual((found["IPAddressDeny"], found["IPAddressAllow"]), (["any"], ["localhost 10.0.0.1"]))
+        self.assertNotIn("ReadWritePaths", found)
+        self.assertNotIn("EnvironmentFile", found)  # offered in a comment only
+        self.assertIn("#EnvironmentFile=", text)
+        # The server's sandbox, but for the network.
+        server = directives(UnitTests.unit(self, "--model-dir", self.models)[1])
+        for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "NoNewPrivileges", "RestrictAddressFamilies",
+                    "SystemCallArchitectures", "Environment", "Restart"):
+            self.assertEqual(found[key], server[key], key)
+        self.assertEqual(server["IPAddressAllow"], ["localhost"])
+        self.assertEqual(stderr, "" if self.user != "root" else
+                         "runai systemd-unit: warning: the unit runs the worker as root; name its user with --user\n")
+
+    def test_a_broker_by_host_name_has_no_ip_filter(self):
+        status, text, stderr = self.unit("--worker", "--broker", "rediss://redis.lan:6380/2", "--model-dir",
+                                         self.models)
+        self.assertEqual(status, 0, stderr)
+        found = directives(text)
+        self.assertNotIn("IPAddressDeny", found)
+        self.assertNotIn("IPAddressAllow", found)
+        self.assertIn("named by host name (redis.lan)", text)
+        self.assertIn("warning: no --broker-password-file", stderr)
+        status, text, _ = self.unit("--worker", "--broker", "redis://[::1]:6379/0", "--model-dir", self.models)
+        self.assertEqual(directives(text)["IPAddressAllow"], ["localhost ::1"])
+
+    def test_what_stops_it(self):
+        for argv, said in (
+                (["--worker"], "--worker needs --broker"),
+                (["--broker", "redis://10.0.0.1/0"], "add --worker"),
+                (["--worker", "--broker", "redis://:secret@10.0.0.1/0"], "the URL holds a password"),
+                (["--worker", "--broker", "http://10.0.0.1/"], "expected redis://"),
+                (["--worker", "--broker", "redis://10.0.0.1/0", "--broker-ca-file", "ca.pem"], "needs a rediss://"),
+                (["--worker", "--broker", "redis://10.0.0.1/0", "--", "--broker", "redis://x/0"], "own option"),
+                (["--worker", "--broker", "redis://10.0.0.1/0", "--", "-m", "/x"], "own option"),
+                (["--worker", "--broker", "redis://10.0.0.1/0", "--", "--broker-password-file"], "needs a value"),
+                (["--worker", "--broker", "redis://10.0.0.1/0", "--user", "no-such-user-here"], "there is no user")):
+            status, text, stderr = self.unit(*argv)
+            self.assertEqual((status, text), (1, ""), argv)
+            self.assertIn(said, stderr)
+            self.assertEqual(len(stderr.splitlines()), 1, stderr)

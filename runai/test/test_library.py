@@ -264,7 +264,8 @@ class CacheSizeOptionTests(SynchronousTestCase):
         worker = next(s for s in service if hasattr(s, "engine_options"))
         library = worker.engine_options.pop("library")
         self.assertEqual(str(library.model_dir), config["model-dir"])
-        self.assertEqual(worker.engine_options, dict(cache_models=32, cache_bytes=4 * 2**30, text_encoders="device"))
+        self.assertEqual(worker.engine_options, dict(cache_models=32, cache_bytes=4 * 2**30, text_encoders="device",
+                                                    preview_decoder="auto"))
         with self.assertRaises(OptionError):
             tap.Options().parseOptions(["--cache-size", "none"])
 

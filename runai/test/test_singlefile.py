@@ -120,7 +120,7 @@ class OfflineTests(LoaderTestCase):
         return models
 
     def test_vocab_and_merges_alone_make_a_tokenizer(self):
-        # What the README and the error ask for: no tokenizer_config.json, so no
+        # What docs/models.md and the error ask for: no tokenizer_config.json, so no
         # model_max_length; CLIP's 77 it is, or every prompt fails to encode.
         models = self.base_without_tokenizer("v1", "runwayml/stable-diffusion-v1-5")
         clip = models / "openai" / "clip-vit-large-patch14"

@@ -309,7 +309,7 @@ class LiveTLSTests(TestCase):
 
 
 class TwistdTests(SynchronousTestCase):
-    """The installed commands as the README runs them: twistd runai --listen ssl:...
+    """The installed commands as docs/tls.md runs them: twistd runai --listen ssl:...
     --token-file, then runai ping --tls --ca-file; and a bad pair stops twistd at once."""
 
     def setUp(self):

@@ -1,4 +1,4 @@
-"""Certificates made on the fly for TLS tests: self-signed, like the README's
+"""Certificates made on the fly for TLS tests: self-signed, like docs/tls.md's
 ``openssl req -x509`` one, written to a test's temporary folder."""
 
 import datetime

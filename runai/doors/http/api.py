@@ -15,10 +15,11 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from runai.core import errors
-from runai.core.hires import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
+from runai.core.hires import LATENT_UPSCALE_MODES
 from runai.core.requests import Limits
-from runai.doors.http import parse, replies, samplers, site
+from runai.doors.http import memory, parse, replies, samplers, site
 from runai.doors.http.checkpoints import Checkpoints
+from runai.doors.http.extras import Extras
 from runai.doors.http.jobs import HttpJob, progress_reply
 from runai.doors.http.lora_hashes import LoraHashes
 from runai.models import embeddings, loras
@@ -92,6 +93,7 @@ class Api(resource.Resource):
         self.limits = limits
         self.checkpoints = Checkpoints(core, reactor, pool)
         self.lora_hashes = LoraHashes(reactor, pool)
+        self.extras = Extras(self, _still_there)  # the upscalers and the extras routes
         self.running = []  # this door's jobs in progress (HttpJob), oldest first
         # AUTOMATIC1111's defaults: a preview every 10 steps for /progress.
         self.previews = {"live_previews_enable": True, "show_progress_every_n_steps": 10}
@@ -100,9 +102,9 @@ class Api(resource.Resource):
             (b"POST", "img2img"): self.img2img,
             (b"GET", "sd-models"): self.sd_models,
             (b"GET", "sd-modules"): self.sd_modules,
-            (b"GET", "upscalers"): lambda request: [
-                {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in PIXEL_UPSCALERS],
+            (b"GET", "upscalers"): self.extras.upscalers,
+            (b"POST", "extra-single-image"): self.extras.single,
+            (b"POST", "extra-batch-images"): self.extras.batch,
             (b"GET", "latent-upscale-modes"): lambda request: [{"name": name} for name in LATENT_UPSCALE_MODES],
             (b"POST", "refresh-checkpoints"): self.refresh_checkpoints,
             (b"GET", "loras"): lambda request: self._off_reactor(loras.listing, self.core.model_dir),
@@ -120,6 +122,7 @@ class Api(resource.Resource):
         }
         for name, value in EMPTY.items():
             self.routes[(b"GET", name)] = lambda request, value=value: value
+        self.routes.update(memory.routes(core))  # unload-checkpoint, reload-checkpoint, memory
 
     # twisted.web -------------------------------------------------------------------
 
@@ -146,6 +149,7 @@ class Api(resource.Resource):
         if failure.check(Gone):
             pass
         elif failure.check(errors.RunaiError):
+            self.core.refused(failure.value)  # counted unless a job's failure, or counted already
             if not request.finished and not request.gone:
                 request.write(self._error(request, failure.value))
                 request.finish()

@@ -135,4 +135,4 @@ class RunaiFactory(ServerFactory):
     def reads_images(self, obj):
         """Whether building ``obj``'s request decodes images: then it is built in the parse
         pool (a small PNG can hold 16 Mpx of one colour: tenths of a second to decode)."""
-        return obj.get("action") in IMAGE_ACTIONS
+        return obj.get("action") in IMAGE_ACTIONS + ("upscale",)

@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from runai.core import errors
 from runai.core.fields import Fields
 from runai.core.requests import GENERATION_ACTIONS, Limits, convert_request, generation_request
+from runai.core.upscale import upscale_request
 from runai.doors.jsonobject import decode_object
 from runai.doors.legacy.history import HISTORY_ACTIONS, parse_history
+from runai.doors.legacy.memory import MEMORY_ACTIONS, parse_memory
 
 # The model library: list the model folder, convert a checkpoint into a diffusers folder.
-LIBRARY_ACTIONS = ("models", "loras", "embeddings", "convert")
+LIBRARY_ACTIONS = ("models", "loras", "embeddings", "upscalers", "convert")
+# An upscale's fields, in options (upscale_image) or beside the action (image).
+UPSCALE_FIELDS = ("image", "upscaler", "scale", "width", "height", "crop", "pos_x", "pos_y")
 MAX_ID_LENGTH = 128
 
 
@@ -34,7 +38,7 @@ class Cancel:
 @dataclass(frozen=True)
 class ListModels:
     id: object = None
-    what: str = "models"  # or "loras": the LoRA files, as prompts name them; or "embeddings"
+    what: str = "models"  # or "loras": the LoRA files, as prompts name them; "embeddings"; "upscalers"
     model: object = None  # embeddings: the model whose encoders must take them (None: any)
 
 
@@ -113,7 +117,7 @@ def parse_request(obj, model_dir, limits=Limits()):
     if action in GENERATION_ACTIONS:
         # pos_x/pos_y sit in options for legacy clients, at the top level for some others.
         return generation_request(action, LegacyFields(obj, top_level=("pos_x", "pos_y")), model_dir, limits, rid)
-    if action in ("models", "loras"):
+    if action in ("models", "loras", "upscalers"):
         return ListModels(id=rid, what=action)
     if action == "embeddings":
         fields = LegacyFields(obj, top_level=("model",))
@@ -121,10 +125,14 @@ def parse_request(obj, model_dir, limits=Limits()):
         return ListModels(id=rid, what=action, model=None if model is None else fields.string("model", max_chars=4096))
     if action == "convert":
         return convert_request(LegacyFields(obj), model_dir, rid)
+    if action == "upscale":
+        return upscale_request(LegacyFields(obj, top_level=UPSCALE_FIELDS), model_dir, limits, id=rid)
     if action in HISTORY_ACTIONS:
         return parse_history(LegacyFields(obj, top_level=all, top_first=True), rid)
+    if action in MEMORY_ACTIONS:
+        return parse_memory(action, rid)
     raise errors.RunaiError(
         errors.UNKNOWN_ACTION,
         f"unknown action {action[:64]!r}; known: "
-        f"{', '.join(('ping', 'cancel') + GENERATION_ACTIONS + LIBRARY_ACTIONS + HISTORY_ACTIONS)}",
+        f"{', '.join(('ping', 'cancel') + GENERATION_ACTIONS + ('upscale',) + LIBRARY_ACTIONS + HISTORY_ACTIONS + MEMORY_ACTIONS)}",
     )

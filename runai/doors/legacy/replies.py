@@ -10,6 +10,7 @@ carries that request's ``reqtype`` and ``id``.
 import base64
 
 import runai
+from runai.core.hires import PIXEL_UPSCALERS
 
 
 def error(error, reqtype=None, request_id=None):
@@ -113,3 +114,12 @@ def embeddings(listed, model, request_id):
     ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``, ``shape``, ``vectors``) for
     ``model``, or every file under ``loaded`` where the request named no model."""
     return {"action": "embeddings", "id": request_id, "model": model, **listed}
+
+
+def upscalers(listed, request_id):
+    """The ``upscalers`` action's answer: the built-in filters, then each model upscaler
+    (A1111's listing: ``name``, ``model_name`` (its architecture), ``model_path`` (relative
+    to the model folder), ``scale``) by the name an ``upscale`` request gives."""
+    builtins = [{"name": name, "path": None, "arch": None, "scale": None} for name in PIXEL_UPSCALERS]
+    return {"action": "upscalers", "id": request_id, "upscalers": builtins + [
+        {"name": u["name"], "path": u["model_path"], "arch": u["model_name"], "scale": u["scale"]} for u in listed]}

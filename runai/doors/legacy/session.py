@@ -17,9 +17,10 @@ from zope.interface import implementer
 from runai.core import errors
 from runai.core.interfaces import IJobListener
 from runai.core.requests import ConvertRequest, GenerationRequest
-from runai.doors.legacy import history, replies
+from runai.core.upscale import UpscaleRequest
+from runai.doors.legacy import history, memory, replies
 from runai.doors.legacy.parse import Cancel, ListModels, Ping, reqtype, request_id
-from runai.models import embeddings, loras
+from runai.models import embeddings, loras, upscalers
 
 
 @implementer(IJobListener)
@@ -79,6 +80,7 @@ class Session:
         if error is not None:
             rt, rid = (reqtype(obj), request_id(obj)) if obj is not None else (None, None)
             self.log.info("Refused a request: {code}: {message}", code=error.code, message=error.message)
+            self.core.refused(error)
             self.send_error(error, rt, rid)
             if error.code == errors.UNAUTHORIZED:
                 self.proto.close()
@@ -90,10 +92,12 @@ class Session:
             self.send(replies.pong(request.id, queued, busy, self.core.workers_alive()))
         elif isinstance(request, Cancel):
             self.cancel(request.id)
-        elif isinstance(request, (GenerationRequest, ConvertRequest)):
+        elif isinstance(request, (GenerationRequest, ConvertRequest, UpscaleRequest)):
             self.submit(request)
         elif isinstance(request, history.HistoryRequest):
             history.answer(self.core.store, self, request)
+        elif isinstance(request, memory.MemoryRequest):
+            memory.answer(self.core, self, request)
         elif isinstance(request, ListModels):
             self.list_models(request)
 
@@ -145,6 +149,12 @@ class Session:
             d = (threads.deferToThreadPool(self.factory.reactor, pool, loras.files, self.core.model_dir)
                  if pool is not None else defer.maybeDeferred(loras.files, self.core.model_dir))
             d.addCallbacks(lambda listed: self.send(replies.loras(listed, request.id)), failed)
+            return
+        if request.what == "upscalers":
+            pool = self.core.pool
+            d = (threads.deferToThreadPool(self.factory.reactor, pool, upscalers.listing, self.core.model_dir)
+                 if pool is not None else defer.maybeDeferred(upscalers.listing, self.core.model_dir))
+            d.addCallbacks(lambda listed: self.send(replies.upscalers(listed, request.id)), failed)
             return
         self.core.list_models().addCallbacks(lambda listed: self.send(replies.models(*listed, request.id)), failed)
 

@@ -101,6 +101,7 @@ class Api(resource.Resource):
     def _failed(self, failure, request):
         if failure.check(errors.RunaiError):
             error = failure.value
+            self.core.refused(error)  # counted unless a job's failure, or counted already
         else:
             self.log.failure("An OpenAI API request could not be handled", failure)
             error = errors.RunaiError(errors.INTERNAL, "the server failed to handle this request")

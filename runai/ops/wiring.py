@@ -1,0 +1,124 @@
+# -*- test-case-name: runai.test.test_metrics -*-
+"""``--metrics`` in a service tree: what is counted, what is read when scraped, and the
+site that serves them. Imported by ``runai/tap.py`` and ``runai/broker/worker_tap.py``
+only when ``--metrics`` is given.
+
+- ``twistd runai`` (:func:`front_metrics`): every job that passes through the core (local
+  workers, or the workers behind ``--broker``), by door; the refusals; the queue; with
+  local workers, their model loads, cache and device memory. ``/health`` follows the
+  local workers' threads, or Redis and the workers seen on it.
+- ``twistd runai-worker`` (:func:`worker_metrics`): the jobs it runs, its loads, cache and
+  device memory; ``/health`` follows its workers' threads.
+"""
+
+import ipaddress
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from runai.core import errors
+from runai.core.interfaces import IWorker
+from runai.ops.health import broker_check, local_check
+from runai.ops.metrics import OK, Metrics, outcome_of
+from runai.ops.site import make_site
+
+log = Logger(namespace="runai.ops")
+
+
+def front_metrics(config, reactor, core, workers):
+    """``(site, started)`` for ``twistd runai``: ``core`` counts its jobs and refusals into
+    a new :class:`Metrics`; ``workers`` are its local workers (none on a front server)."""
+    metrics = Metrics()
+    core.metrics = metrics
+    backend = core.backend
+    check = local_check(workers) if workers else broker_check(backend)
+    metrics.watch(queue_depth=lambda: backend.queued,
+                  jobs_running=lambda: sum(1 for job in backend.jobs() if job.state == "running"),
+                  workers=lambda: check().workers)
+    if workers:
+        _watch_workers(metrics, workers)
+    return _site(config, reactor, metrics, check, config.get("token"))
+
+
+def worker_metrics(config, reactor, workers):
+    """``(observed, site, started)`` for ``twistd runai-worker``: ``observed`` are the
+    ``workers``, each wrapped to count the jobs it runs, for its broker consumer."""
+    metrics = Metrics()
+    observed = [ObservedWorker(worker, metrics) for worker in workers]
+    check = local_check(workers)
+    metrics.watch(jobs_running=lambda: sum(worker.jobs_running for worker in observed),
+                  workers=lambda: check().workers)
+    _watch_workers(metrics, workers)
+    site, started = _site(config, reactor, metrics, check, config.get("token"))
+    return observed, site, started
+
+
+def _watch_workers(metrics, workers):
+    for worker in workers:
+        worker.load_observer = metrics.model_loaded
+    metrics.watch(cache_bytes=lambda: sum(worker.cache_bytes() for worker in workers))
+
+
+def _site(config, reactor, metrics, check, token):
+    if config.get("metrics-public"):
+        token = None
+    site = make_site(metrics, check, token=token, reactor=reactor, timeout=config.get("idle-timeout", 60.0))
+    site.metrics = metrics
+    site.port = None
+
+    def started(port):
+        site.port = port
+        address = port.getHost()
+        host = getattr(address, "host", "127.0.0.1")
+        log.info("runai metrics listening on {host}:{port} (/metrics, /health)", host=host,
+                 port=getattr(address, "port", ""))
+        if token is None and not _is_loopback(host):
+            log.warn("The metrics listen beyond loopback without a token: anyone who can reach them can read "
+                     "the queue, the job counts and the workers' state")
+    return site, started
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@implementer(IWorker)
+class ObservedWorker:
+    """``worker`` (an IWorker), its jobs counted into ``metrics`` as they end (as door
+    ``broker``: a runai-worker's jobs all come through it)."""
+
+    def __init__(self, worker, metrics, door="broker"):
+        self.worker = worker
+        self.metrics = metrics
+        self.door = door
+        self.jobs_running = 0
+
+    def __getattr__(self, name):
+        if name == "worker":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.worker, name)
+
+    def loaded_models(self):
+        return self.worker.loaded_models()
+
+    def run(self, job):
+        self.jobs_running += 1
+        d = defer.maybeDeferred(self.worker.run, job)
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(job,), errbackArgs=(job,))
+        return d
+
+    def _succeeded(self, result, job):
+        self.jobs_running -= 1
+        self.metrics.job_ended(job, self.door, OK)
+        return result
+
+    def _failed(self, failure, job):
+        self.jobs_running -= 1
+        error = failure.value
+        outcome = outcome_of(error) if isinstance(error, errors.RunaiError) else "error"
+        self.metrics.job_ended(job, self.door, outcome)
+        return failure

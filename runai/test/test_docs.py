@@ -213,7 +213,7 @@ class CheckerTests(SynchronousTestCase):
 
 
 class LayoutTests(SynchronousTestCase):
-    """The README's folder map stays true to the tree."""
+    """The README's folder map, and docs/layout.md's module list, stay true to the tree."""
 
     def folder_map(self):
         pages()
@@ -233,3 +233,29 @@ class LayoutTests(SynchronousTestCase):
         paths = re.findall(r"(?:^|\s)((?:runai|twisted|benchmarks|systemd|docs)/[\w./]*)", self.folder_map(), re.M)
         self.assertGreater(len(paths), 10)
         self.assertEqual([p for p in paths if not os.path.exists(os.path.join(ROOT, p.rstrip(".")))], [])
+
+    def test_every_module_is_in_docs_layout(self):
+        """docs/layout.md names every module of runai/ (tests aside) under its folder's
+        entry: the module's file name after the folder's line, before the next folder's."""
+        with open(os.path.join(ROOT, "docs", "layout.md"), encoding="utf-8") as f:
+            text = f.read()
+        tree = re.search(r"```\n(.*?)```", text, re.S).group(1)
+        missing = []
+        for path in sorted(glob.glob(os.path.join(ROOT, "runai", "**", "*.py"), recursive=True)):
+            relative = os.path.relpath(path, ROOT)
+            name = os.path.basename(relative)
+            folder = os.path.dirname(relative) + "/"
+            if name == "__init__.py" or folder.startswith("runai/test/"):
+                continue
+            if folder == "runai/":
+                found = re.search(rf"^{re.escape(relative)}\b", tree, re.M)
+            else:
+                start = re.search(rf"^{re.escape(folder)}", tree, re.M)
+                entry = tree[start.end():] if start else ""
+                following = re.search(r"^\S", entry, re.M)
+                entry = entry[:following.start()] if following else entry
+                found = start and (re.search(rf"\b{re.escape(name)}\b", entry)
+                                   or re.search(rf"^{re.escape(relative)}\b", tree, re.M))
+            if not found:
+                missing.append(relative)
+        self.assertEqual(missing, [])

@@ -212,7 +212,7 @@ def makeService(config, reactor=None, pool=None):
     if config.get("metrics") is not None:
         from runai.ops.wiring import front_metrics  # only with --metrics: prometheus_client loads then
 
-        site, started = front_metrics(config, reactor, core, workers)
+        site, started = front_metrics(config, reactor, core, workers, services=list(top))  # top: its doors
         metrics = announced_service(config["metrics"], site, started, reactor)
         metrics.setName("metrics")
         metrics.setServiceParent(top)
@@ -228,11 +228,12 @@ def announced_service(description, factory, started, reactor):
 
 def _openai_door(config, core, reactor, pool):
     """OpenAI's images API (``--openai``), on the same core."""
+    from runai.doors.http.site import with_backlog
     from runai.doors.openai.api import Api
     from runai.doors.openai.site import make_site
 
     site = make_site(Api(core, reactor, pool=pool, token=config["token"]), max_body=config["max-message-size"],
-                     timeout=config["idle-timeout"])
+                     timeout=config["idle-timeout"], reactor=reactor)
 
     def started(port):
         address = port.getHost()
@@ -242,7 +243,8 @@ def _openai_door(config, core, reactor, pool):
             log.warn("The OpenAI API listens beyond loopback without --token-file and an ssl: endpoint: anyone "
                      "who can reach it can queue jobs and read what it answers")
 
-    endpoint = _Announced(endpoints.serverFromString(reactor, config["openai"]), config["openai"], started, reactor)
+    endpoint = _Announced(endpoints.serverFromString(reactor, with_backlog(config["openai"])), config["openai"],
+                          started, reactor)
     return StreamServerEndpointService(endpoint, site)
 
 

@@ -135,7 +135,10 @@ def encode_job(request, key, front):
     # Embeddings travel by name, found again in the worker's folder.
     scalars["embeddings"] = [ref.name for ref in request.embeddings]
     if request.hires is not None:
-        scalars["hires"] = dataclasses.asdict(request.hires)
+        # The second pass's LoRAs travel by name too (None: the first pass's).
+        refs = request.hires.loras
+        scalars["hires"] = dict(dataclasses.asdict(request.hires),
+                                loras=None if refs is None else [[ref.name, ref.te, ref.unet] for ref in refs])
     fields = {"v": VERSION, "key": key, "front": front, "request": json.dumps(scalars)}
     fields.update(_image_fields("pixels", request.pixels))
     fields.update(_image_fields("mask", request.mask))
@@ -164,9 +167,14 @@ class WireJob:
         model_path, model_name = resolve_model(model_dir, values.pop("model_name"))
         if values.get("hires") is not None:
             try:
-                values["hires"] = Hires(**values["hires"])
-            except TypeError as e:
+                hires = Hires(**values["hires"])
+                if hires.loras is not None:
+                    hires = dataclasses.replace(hires, loras=tuple(
+                        loras.LoraRef(name=str(n), path="", te=te, unet=unet) for n, te, unet in hires.loras))
+            except (TypeError, ValueError) as e:
                 raise WireError(f"a job with a malformed hires pass: {e!r}") from None
+            values["hires"] = hires if hires.loras is None else dataclasses.replace(
+                hires, loras=loras.resolve(model_dir, hires.loras))
         # Companion files travel by name too, and are found in this worker's folder.
         values["modules"], module_paths = resolve_modules(model_dir, values.get("modules") or ())
         try:

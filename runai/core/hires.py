@@ -6,10 +6,11 @@ Torch-free: the request parser reads it on the reactor thread
 (:func:`hires_request`); the worker runs it (:mod:`runai.engine.hires`). The names are
 AUTOMATIC1111's, on both doors: ``enable_hr``, ``hr_scale`` (or ``hr_resize_x`` /
 ``hr_resize_y``), ``hr_upscaler``, ``hr_second_pass_steps`` (0: as ``steps``),
-``hr_prompt``, ``hr_negative_prompt``, and the second pass's scheduler (``hr_scheduler``;
-``hr_sampler_name`` over HTTP); ``denoising_strength`` (``strength`` on the socket) is the
-second pass's. ``hr_upscaler`` is a latent mode, a built-in pixel upscaler, or a model
-upscaler of the model folder by its name (``4x-UltraSharp``).
+``hr_prompt``, ``hr_negative_prompt`` (and their ``<lora:...>``: :mod:`runai.core.hires_loras`),
+and the second pass's scheduler (``hr_scheduler``; ``hr_sampler_name`` over HTTP);
+``denoising_strength`` (``strength`` on the socket) is the second pass's. ``hr_upscaler`` is
+a latent mode, a built-in pixel upscaler, or a model upscaler of the model folder by its
+name (``4x-UltraSharp``).
 """
 
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ class Hires:
     prompt: str
     negative_prompt: str
     scheduler: Optional[str] = None  # None: the first pass's
+    # runai.models.loras.LoraRef of the second pass's prompts (runai.core.hires_loras); None: the first pass's.
+    loras: Optional[tuple] = None
 
     @property
     def latent(self):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from runai import families
-from runai.core import errors, prompts
+from runai.core import errors, hires_loras, prompts
 from runai.core.hires import Hires, hires_request
 from runai.core.images import EncodedImage, check_image
 from runai.core.schedulers import SCHEDULERS
@@ -256,6 +256,7 @@ def generation_request(action, fields, model_dir, limits=Limits(), id=None):
     if hires is not None:
         parsed += [_parse(fields, "hr_prompt", hires.prompt),
                    _parse(fields, "hr_negative_prompt", hires.negative_prompt)]
+        hires = hires_loras.with_loras(hires, parsed, model_dir)  # the second pass's <lora:...>
     modules, module_paths = resolve_modules(model_dir, fields.raw("modules"), fields.lookup("modules")[0])
     return GenerationRequest(
         id=id,

@@ -8,12 +8,17 @@ unpacked first) and handed to the family's img2img pipeline as its starting late
 pixel upscaler (Lanczos, Nearest, None: a plain resize) or a model upscaler (ESRGAN and its
 family, :mod:`runai.engine.upscale`) works on the decoded first pass.
 Progress counts both passes; a cancel stops either; the second pass has its own steps,
-denoising strength, prompts and scheduler where the request gives them.
+denoising strength, prompts, LoRAs and scheduler where the request gives them. Where its
+LoRAs differ from the first pass's (:mod:`runai.core.hires_loras`), the merged set is
+switched between the passes (and back before the next batch's first pass); the model keeps
+the last set merged, as after any job, and the next job's merge puts it right.
 """
 
 from dataclasses import replace
 
+from runai.core.hires_loras import second_pass_loras
 from runai.engine import modes, upscale
+from runai.models import lora_apply
 
 PIXEL_FILTERS = upscale.PIXEL_FILTERS
 
@@ -26,6 +31,9 @@ def run(engine, base, family, pipe, request, seeds, progress, on_progress, is_ca
     # (exact for first-order schedulers); then the total is the real one.
     estimate = max(1, int(hires.steps * hires.strength))
     first = {}
+    second_loras = second_pass_loras(request)
+    # The first pass's set (merged already for the first batch: then this costs nothing).
+    lora_apply.apply(engine.loader, family, request.loras)
 
     def first_total(pipeline):
         first["timesteps"] = pipeline.num_timesteps
@@ -45,11 +53,14 @@ def run(engine, base, family, pipe, request, seeds, progress, on_progress, is_ca
     del out
 
     second = replace(request, width=hires.width, height=hires.height, steps=hires.steps,
-                     scheduler=hires.scheduler or request.scheduler,
-                     prompt=hires.prompt or request.prompt, negative_prompt=hires.negative_prompt or request.negative_prompt)
+                     scheduler=hires.scheduler or request.scheduler, prompt=hires.prompt or request.prompt,
+                     negative_prompt=hires.negative_prompt or request.negative_prompt, loras=second_loras)
     img2img = engine._modes.get(base, family.modes().img2img)
     img2img.scheduler = family.make_scheduler(second.scheduler, engine._scheduler_config)
-    if (second.prompt, second.negative_prompt) != (request.prompt, request.negative_prompt):
+    # The second pass's set, in place of the first's where they differ (before its text is encoded).
+    lora_apply.apply(engine.loader, family, second_loras)
+    if (second.prompt, second.negative_prompt, second.loras) != (request.prompt, request.negative_prompt,
+                                                                 request.loras):
         text = engine._text(family, img2img, second)
     kwargs = dict(family.guidance(second), image=image, strength=hires.strength, **family.conditioning(second))
     if modes.takes_size(type(img2img)):

@@ -1,11 +1,14 @@
-# -*- test-case-name: runai.test.test_library -*-
+# -*- test-case-name: runai.test.test_library,runai.test.test_library_pth -*-
 """The model library: what is in the model folder, and what each model is.
 
 Torch-free, so that the reactor can answer a ``models`` request without waiting for the
 worker. A :class:`ModelLibrary` walks one model folder and describes each model it finds
-as a :class:`ModelEntry`, classified by content (:mod:`runai.models.classify`). The
-classifications are cached, so a listing costs one ``stat`` per known model. The loader
-asks the same library what a single file is before it builds a pipeline from it.
+as a :class:`ModelEntry`, classified by content (:mod:`runai.models.classify`), in the
+folder's one walk (:mod:`runai.models.walk`). Upscaler ``.pth`` files (ESRGAN and its
+family, :mod:`runai.models.upscalers`) are listed too, with kind "upscaler", never served;
+any other ``.pth`` is not listed. The classifications are cached, so a listing costs one
+``stat`` per known file. The loader asks the same library what a single file is before
+it builds a pipeline from it.
 
 Nothing outside the model folder is opened: every path is resolved, symlinks included,
 and checked for containment before it is read.
@@ -20,7 +23,7 @@ from twisted.logger import Logger
 
 from runai import families
 from runai.core import errors
-from runai.models import checkpoint
+from runai.models import checkpoint, upscalers, walk
 from runai.models.classify import (
     UNKNOWN,
     Classification,
@@ -31,13 +34,14 @@ from runai.models.classify import (
     read_sidecar,
     sidecar_path,
 )
-from runai.models.paths import DIFFUSERS, FILE_FORMATS, contained, model_format
+from runai.models.paths import DIFFUSERS, FILE_FORMATS, model_format
 
 log = Logger()
 
-# Bounds on one scan, which runs whenever a client asks for the list.
-MAX_DEPTH = 8
-MAX_ENTRIES = 20_000
+# Upscalers (ESRGAN and its family) saved as pickles: listed, never models.
+PTH = "pth"
+UPSCALER_SUFFIXES = (".pth",)
+SCANNED_SUFFIXES = tuple(FILE_FORMATS) + UPSCALER_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,9 @@ class ModelLibrary:
             # One malformed file must never hide the others: it is listed, with why. The
             # entry is cached like any other, so this is logged once, not on every scan.
             entry = self._failed(path, name, fmt, e)
+        return self._remember(key, entry)
+
+    def _remember(self, key, entry):
         with self._lock:
             if len(self._cache) > 4096:
                 self._cache.clear()
@@ -186,60 +193,37 @@ class ModelLibrary:
                           sidecar=sidecar, error=error)
 
     def scan(self):
-        """Every model in the folder, sorted by name."""
+        """Every model in the folder, and every upscaler ``.pth`` file, sorted by name."""
         entries = []
-        root = self.model_dir
-        visited = 0
-        pending = [(root, 0)]
-        while pending:
-            folder, depth = pending.pop()
-            try:
-                with os.scandir(folder) as it:
-                    children = sorted(it, key=lambda e: e.name)
-            except OSError:
-                continue
-            for child in children:
-                visited += 1
-                if visited > MAX_ENTRIES:
-                    log.warn("the model folder has more than {n} entries; the list stops there", n=MAX_ENTRIES)
-                    pending = []
-                    break
-                if child.name.startswith("."):
-                    continue  # .cache, .git, half-written conversions
-                entry = self._visit(Path(child.path), child, depth, pending)
-                if entry is not None:
-                    entries.append(entry)
+        for path, resolved in walk.model_files(self.model_dir, SCANNED_SUFFIXES, diffusers=True)[0]:
+            if path.suffix.lower() in UPSCALER_SUFFIXES and not resolved.is_dir():
+                entry = self._upscaler(str(resolved), path.relative_to(self.model_dir).as_posix())
+            else:
+                entry = self._entry(path, resolved)
+            if entry is not None:
+                entries.append(entry)
         entries.sort(key=lambda e: e.name)
         return entries
 
-    def _visit(self, path, child, depth, pending):
+    def _upscaler(self, path, name):
+        """The entry of an upscaler ``.pth`` (never served: a pickle is never a checkpoint
+        here), or None for any other ``.pth``; read by a static walk, never unpickled."""
         try:
-            is_link = child.is_symlink()
-            if is_link:
-                # Followed only to a place inside the model folder, and never descended:
-                # a link may point at an ancestor.
-                if contained(self.model_dir, path) is None:
-                    log.debug("skipping {path}: it leads outside the model folder", path=str(path))
-                    return None
-            if child.is_dir():
-                if (path / "model_index.json").is_file():
-                    return self._entry(path)
-                if (path / "config.json").is_file():
-                    return None  # a transformers or component folder (CLIP, safety checker)
-                if not is_link and depth < MAX_DEPTH:
-                    pending.append((path, depth + 1))
-                return None
-            if child.is_file() and path.suffix.lower() in FILE_FORMATS:
-                return self._entry(path)
+            key = _signature(path, PTH)
+            with self._lock:
+                if key in self._cache:
+                    cached = self._cache[key]
+                    return replace(cached, name=name) if cached is not None and cached.name != name else cached
+            size = os.path.getsize(path)
         except OSError:
             return None
-        return None
+        arch = upscalers.arch_of(path, size)
+        return self._remember(key, None if arch is None else ModelEntry(
+            name=name, path=path, format=PTH, size=size,
+            classification=Classification(kind="upscaler", variant=arch.name)))
 
-    def _entry(self, path):
+    def _entry(self, path, resolved):
         name = path.relative_to(self.model_dir).as_posix()
-        resolved = contained(self.model_dir, path)
-        if resolved is None:
-            return None
         try:
             return self.describe(resolved, name)
         except (OSError, ValueError):

@@ -1,11 +1,13 @@
-# -*- test-case-name: runai.test.test_embeddings -*-
-"""The files of the model folder that are not whole models: embeddings, LoRAs.
+# -*- test-case-name: runai.test.test_walk,runai.test.test_embeddings -*-
+"""The one walk of the model folder: the library's models, LoRAs, embeddings, upscalers.
 
-One bounded walk (:func:`model_files`), as the library walks for models: 8 levels at most,
-20,000 entries, names starting with ``.`` skipped, diffusers and component folders (a
-``model_index.json``, a ``config.json``) not entered, a symlink followed only to a place
-inside the model folder and never descended. It also gives each folder's modification
-time, so that an index knows when a file was added or removed (:func:`changed`).
+One bounded walk (:func:`model_files`): 8 levels at most, 20,000 entries, names starting
+with ``.`` skipped (``.cache``, ``.git``, half-written conversions), diffusers and
+component folders (a ``model_index.json``, a ``config.json``) not entered, a symlink
+followed only to a place inside the model folder and never descended (it may point at an
+ancestor). The library asks for the diffusers folders it meets too. It also gives each
+folder's modification time, so that an index knows when a file was added or removed
+(:func:`changed`).
 
 Torch-free: indexes walk on the reactor's thread pool or on the reactor itself.
 """
@@ -24,10 +26,15 @@ MAX_DEPTH = 8
 MAX_ENTRIES = 20_000
 
 
-def model_files(model_dir, suffixes):
+def model_files(model_dir, suffixes, diffusers=False):
     """``([(path, resolved)], {folder: mtime_ns})``: the files under ``model_dir`` (resolved)
-    whose names end in one of ``suffixes`` (lower case), and the folders walked."""
-    model_dir = Path(model_dir)
+    whose names end in one of ``suffixes`` (lower case), and the folders walked; with
+    ``diffusers``, the diffusers folders (a ``model_index.json``) among the files, a linked
+    one or one a level below the deepest walked included.
+
+    Only a link is resolved (a path through unlinked folders of a resolved folder is its
+    own resolution): a listing costs no ``realpath`` per file."""
+    model_dir = Path(os.path.realpath(model_dir))
     found, folders, visited = [], {}, 0
     pending = [(model_dir, 0)]
     while pending:
@@ -48,15 +55,16 @@ def model_files(model_dir, suffixes):
             path = Path(child.path)
             try:
                 link = child.is_symlink()
-                resolved = contained(model_dir, path)
+                resolved = contained(model_dir, path) if link else path
                 if resolved is None:
                     continue
                 if child.is_dir():
-                    if link or depth >= MAX_DEPTH or (path / "model_index.json").is_file() \
-                            or (path / "config.json").is_file():
-                        continue
-                    pending.append((path, depth + 1))
-                elif child.is_file() and path.suffix.lower() in suffixes:
+                    if (path / "model_index.json").is_file():
+                        if diffusers:
+                            found.append((path, resolved))
+                    elif not (link or depth >= MAX_DEPTH or (path / "config.json").is_file()):
+                        pending.append((path, depth + 1))
+                elif path.suffix.lower() in suffixes and child.is_file():
                     found.append((path, resolved))
             except OSError:
                 continue

@@ -2,11 +2,12 @@
 """What ``--metrics`` counts: one :class:`Metrics` per service, in its own
 ``CollectorRegistry`` (never the global one).
 
-Label values come from closed sets only: door names, actions, outcomes and runai's error
-codes; anything else is ``other``. Never a prompt, a path or an image. What can be read
-when scraped (the queue, the workers, the cache, device memory) is read then, through
-callbacks, not kept up to date by hand. Imported only with --metrics (prometheus_client
-loads then); never imports torch (device memory is read only where torch is loaded already).
+Label values come from closed sets only: door names, actions, outcomes, runai's error
+codes and the doors' own refusals (:mod:`runai.doors.refusals`); anything else is
+``other``. Never a prompt, a path or an image. What can be read when scraped (the queue,
+the workers, the cache, device memory) is read then, through callbacks, not kept up to
+date by hand. Imported only with --metrics (prometheus_client loads then); never imports
+torch (device memory is read only where torch is loaded already).
 """
 
 import sys
@@ -20,10 +21,13 @@ from runai.core import errors
 from runai.core.interfaces import IJobListener
 from runai.core.jobs import NullListener
 from runai.core.requests import GENERATION_ACTIONS
+from runai.doors import refusals
 
 DOORS = ("legacy", "http", "openai", "broker")
 ACTIONS = GENERATION_ACTIONS + ("convert", "upscale")
 CODES = frozenset(value for name, value in vars(errors).items() if name.isupper() and isinstance(value, str))
+# A refusal's code: runai's, or one of a transport's own (a URL too long, a connection over the cap).
+REFUSAL_CODES = CODES | refusals.CODES
 # A job ended: done, or failed; cancelled covers a client's cancel and a shutdown's.
 OK, ERROR, CANCELLED = "ok", "error", "cancelled"
 OTHER = "other"
@@ -86,6 +90,11 @@ class Metrics:
             return
         _mark(error)
         self.refused.labels(_closed(error.code, CODES)).inc()
+
+    def count_code(self, code):
+        """A door refused a request or a connection by itself, before the core heard of it
+        (a door's ``on_refused``): counted under ``code``."""
+        self.refused.labels(_closed(code, REFUSAL_CODES)).inc()
 
     def job_ended(self, job, door, outcome, end=None):
         """Count ``job``, with its queue wait and run time from the times it changed state."""

@@ -4,7 +4,8 @@ site that serves them. Imported by ``runai/tap.py`` and ``runai/broker/worker_ta
 only when ``--metrics`` is given.
 
 - ``twistd runai`` (:func:`front_metrics`): every job that passes through the core (local
-  workers, or the workers behind ``--broker``), by door; the refusals; the queue; with
+  workers, or the workers behind ``--broker``), by door; the refusals, the core's and
+  those its doors answer by themselves (:func:`count_door_refusals`); the queue; with
   local workers, their model loads, cache and device memory. ``/health`` follows the
   local workers' threads, or Redis and the workers seen on it.
 - ``twistd runai-worker`` (:func:`worker_metrics`): the jobs it runs, its loads, cache and
@@ -26,11 +27,14 @@ from runai.ops.site import make_site
 log = Logger(namespace="runai.ops")
 
 
-def front_metrics(config, reactor, core, workers):
+def front_metrics(config, reactor, core, workers, services=()):
     """``(site, started)`` for ``twistd runai``: ``core`` counts its jobs and refusals into
-    a new :class:`Metrics`; ``workers`` are its local workers (none on a front server)."""
+    a new :class:`Metrics`; ``workers`` are its local workers (none on a front server);
+    the doors among ``services`` (the door's factory or site of each) count the refusals
+    they answer by themselves."""
     metrics = Metrics()
     core.metrics = metrics
+    count_door_refusals(metrics, services)
     backend = core.backend
     check = local_check(workers) if workers else broker_check(backend)
     metrics.watch(queue_depth=lambda: backend.queued,
@@ -52,6 +56,15 @@ def worker_metrics(config, reactor, workers):
     _watch_workers(metrics, workers)
     site, started = _site(config, reactor, metrics, check, config.get("token"))
     return observed, site, started
+
+
+def count_door_refusals(metrics, services):
+    """Each of ``services`` whose factory is a door that refuses by itself (it has an
+    ``on_refused``: :mod:`runai.doors.refusals`) counts those refusals into ``metrics``."""
+    for service in services:
+        factory = getattr(service, "factory", None)
+        if hasattr(factory, "on_refused"):
+            factory.on_refused = metrics.count_code
 
 
 def _watch_workers(metrics, workers):

@@ -104,6 +104,28 @@ class ScanTests(SynchronousTestCase):
         os.symlink(models, models / "v1" / "loop")
         self.assertEqual(library.ModelLibrary(models).scan(), [])
 
+    def test_a_link_to_a_diffusers_folder_inside_is_listed(self):
+        models = Path(self.mktemp()).absolute()
+        shutil.copytree(self.models / "v1" / "both", models / "v1" / "both")
+        os.symlink(models / "v1" / "both", models / "alias")
+        os.symlink(self.models / "v1" / "both", models / "elsewhere")  # outside this folder
+        entries = {e.name: e for e in library.ModelLibrary(models).scan()}
+        self.assertEqual(sorted(entries), ["alias", "v1/both"])
+        self.assertEqual(entries["alias"].path, str((models / "v1" / "both").resolve()))
+        self.assertTrue(entries["alias"].served)
+
+
+def models_action(models):
+    """The server's answer to ``{"action": "models"}`` over the socket, for ``models``."""
+    worker = LocalWorker(SyncReactor(), engine_factory=lambda device, dtype: ScriptedEngine(), pool=ManualPool())
+    _, _, factory = make_server(SyncReactor(), models, worker)
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(frame({"action": "models"}))
+    [reply] = decode_all(transport.value())
+    return reply
+
 
 class MalformedModelTests(SynchronousTestCase):
     """One malformed model file or config never costs the client the rest of the list."""
@@ -176,13 +198,7 @@ class MalformedModelTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_the_models_action_answers(self):
-        worker = LocalWorker(SyncReactor(), engine_factory=lambda device, dtype: ScriptedEngine(), pool=ManualPool())
-        _, _, factory = make_server(SyncReactor(), self.models, worker)
-        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        proto.dataReceived(frame({"action": "models"}))
-        [reply] = decode_all(transport.value())
+        reply = models_action(self.models)
         self.assertEqual(len(reply["models"]), 5, reply)
         self.flushLoggedErrors(RuntimeError)
 

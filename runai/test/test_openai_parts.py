@@ -304,33 +304,3 @@ class TapTests(SynchronousTestCase):
         done = subprocess.run([twistd, "runai", "--help"], capture_output=True, text=True, timeout=60)
         self.assertIn("--openai=", done.stdout)
 
-
-class SiteTests(SynchronousTestCase):
-    def request(self, token, header=None, max_body=100):
-        from twisted.web.test.requesthelper import DummyChannel
-
-        from runai.doors.openai.site import LimitedRequest, Site
-
-        channel = DummyChannel()
-        channel.site = Site(None, max_body, token=token)
-        request = LimitedRequest(channel)
-        if header is not None:
-            request.requestHeaders.setRawHeaders(b"authorization", [header])
-        request.gotLength(50)
-        request.handleContentChunk(b"x" * 50)
-        return request
-
-    def test_a_body_without_the_token_is_never_held(self):
-        self.assertEqual(self.request(b"secret-token", "Bearer wrong").content.getvalue(), b"")
-        self.assertEqual(self.request(b"secret-token").content.getvalue(), b"")
-        self.assertEqual(self.request(b"secret-token", "Bearer secret-token").content.getvalue(), b"x" * 50)
-        self.assertEqual(self.request(None).content.getvalue(), b"x" * 50)
-        self.assertTrue(self.request(None, max_body=10).too_large)
-
-    def test_a_header_that_is_not_utf8_is_a_wrong_token(self):
-        from runai.doors.openai.site import authorized
-
-        request = self.request(b"secret-token", b"Bearer \xff\xfe")
-        self.assertEqual(request.content.getvalue(), b"")
-        self.assertFalse(authorized(request, b"secret-token"))
-        self.assertTrue(authorized(self.request(b"secret-token", b"Bearer secret-token"), b"secret-token"))

@@ -16,6 +16,7 @@ from twisted.web import resource, server
 
 from runai.core import errors
 from runai.core.hires import LATENT_UPSCALE_MODES
+from runai.core.hires_loras import job_loras
 from runai.core.requests import Limits
 from runai.doors.http import memory, parse, replies, samplers, site
 from runai.doors.http.checkpoints import Checkpoints
@@ -209,7 +210,7 @@ class Api(resource.Resource):
         job = self.core.submit(core_request, request, listener, held_bytes=len(echo))
         # A client that goes away takes its job with it.
         request.notifyFinish().addErrback(lambda _: self.core.cancel(job))
-        hashes = self.lora_hashes.of(core_request.loras)  # while the job runs
+        hashes = self.lora_hashes.of(job_loras(core_request))  # both passes' LoRAs, while the job runs
         images = yield listener.result
         lora_hashes = yield hashes
         return replies.generated(core_request, images, echo, self.checkpoints, started, lora_hashes)

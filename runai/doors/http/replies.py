@@ -54,9 +54,15 @@ def error(error):
     return STATUS.get(error.code, 500), {"error": error.code, "detail": bounded(error.message)}
 
 
+def quote(text):
+    """An infotext value as AUTOMATIC1111 writes it: as it is, or JSON-quoted where it has
+    a comma, a colon or a line break."""
+    return text if not any(mark in text for mark in ",:\n") else json.dumps(text, ensure_ascii=False)
+
+
 def infotext(request, seed, checkpoints, lora_hashes=()):
     """The ``parameters`` text AUTOMATIC1111 writes into each PNG and into ``infotexts``
-    (``lora_hashes``: ``[(name, short hash)]`` of the job's LoRAs)."""
+    (``lora_hashes``: ``[(name, short hash)]`` of the job's LoRAs, both passes')."""
     sampler, schedule = names_of(request.scheduler)
     fields = [
         ("Steps", request.steps), ("Sampler", sampler), ("Schedule type", schedule),
@@ -73,6 +79,11 @@ def infotext(request, seed, checkpoints, lora_hashes=()):
     if hires is not None:
         fields += [("Denoising strength", f"{hires.strength:g}"), ("Hires upscale", f"{hires.scale:g}"),
                    ("Hires steps", hires.steps), ("Hires upscaler", hires.upscaler)]
+        # AUTOMATIC1111's, where the second pass has prompts of its own (their <lora:...> included).
+        if hires.prompt and hires.prompt != request.prompt:
+            fields.append(("Hires prompt", quote(hires.prompt)))
+        if hires.negative_prompt and hires.negative_prompt != request.negative_prompt:
+            fields.append(("Hires negative prompt", quote(hires.negative_prompt)))
     fields.append(("Lora hashes", infotext_value(lora_hashes)))
     fields.append(("TI hashes", infotext_value(ti_hashes(request))))
     fields.append(("Version", f"runai {runai.__version__}"))

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from runai.core import errors
 from runai.core.requests import IMAGE_ACTIONS, Limits
+from runai.doors import refusals
 from runai.doors.legacy import framing
 from runai.doors.legacy.parse import decode_message, parse_request
 from runai.doors.legacy.protocol import RunaiProtocol
@@ -57,6 +58,8 @@ class RunaiFactory(ServerFactory):
     # Requests larger than this are parsed in the parse pool, not on the reactor; so is
     # every request that may carry images, whatever its size (see parse_in_thread).
     parse_in_thread_bytes = 256 * 1024
+    # --metrics: told of each connection refused over max_connections (runai.doors.refusals).
+    on_refused = None
 
     def __init__(self, core, reactor, parse_pool=None, stop=None, packet_size=framing.DEFAULT_PACKET_SIZE,
                  max_message_size=framing.DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=60.0,
@@ -87,6 +90,7 @@ class RunaiFactory(ServerFactory):
     def buildProtocol(self, addr):
         if len(self.clients) >= self.max_connections:
             self.log.warn("Refusing a connection from {addr}: already {n} clients", addr=addr, n=len(self.clients))
+            refusals.tell(self, refusals.TOO_MANY_CONNECTIONS)
             return None
         return super().buildProtocol(addr)
 

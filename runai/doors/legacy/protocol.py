@@ -81,8 +81,7 @@ class RunaiProtocol(Protocol, TimeoutMixin):
         try:
             events = self.decoder.feed(data)
         except framing.MessageTooLarge as e:
-            self.send_error(errors.RunaiError(errors.MESSAGE_TOO_LARGE, str(e)))
-            self.close()
+            self.refuse(errors.RunaiError(errors.MESSAGE_TOO_LARGE, str(e)))
             return
         self._events.extend(events)
         self._size_reads()
@@ -132,11 +131,10 @@ class RunaiProtocol(Protocol, TimeoutMixin):
     def timeoutConnection(self):
         self.log.info("Dropping {peer}: half a message, then {timeout}s of silence",
                       peer=self.transport.getPeer(), timeout=self.factory.idle_timeout)
-        self.send_error(errors.RunaiError(
+        self.refuse(errors.RunaiError(
             errors.IDLE_TIMEOUT,
             f"no data for {self.factory.idle_timeout:g}s in the middle of a message",
         ))
-        self.close()
 
     def connectionLost(self, reason):
         self.closing = True
@@ -210,6 +208,13 @@ class RunaiProtocol(Protocol, TimeoutMixin):
 
     def send_error(self, error, reqtype=None, request_id=None):
         self.send_message(replies.error(error, reqtype, request_id))
+
+    def refuse(self, error):
+        """Answer ``error`` (the framing's own: no request was read) and close; counted
+        with --metrics, as the core counts the refusals of the requests it hears of."""
+        self.factory.core.refused(error)
+        self.send_error(error)
+        self.close()
 
     def close(self):
         if not self.closing:

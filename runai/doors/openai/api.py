@@ -35,6 +35,15 @@ class Raw:
         self.content_type = content_type
 
 
+def _take_body(request):
+    """The request's body (bytes), which the request, and its site's budget of bodies,
+    hold no more."""
+    data = request.content.getvalue()
+    if hasattr(request, "drop_body"):
+        request.drop_body()
+    return data
+
+
 class Api(resource.Resource):
     """The routes under ``/v1``: ``core`` (:class:`runai.core.service.Core`) runs the
     jobs; ``pool`` parses bodies and converts images (None: in line); ``clock`` expires the
@@ -60,9 +69,6 @@ class Api(resource.Resource):
         request.setHeader("content-type", "application/json")
         if not site.authorized(request, self.token):
             return self._error(request, site.unauthorized(request))
-        if getattr(request, "too_large", False):
-            return self._error(request, errors.RunaiError(
-                errors.MESSAGE_TOO_LARGE, f"the body is larger than {request.body_limit} bytes"))
         route = self._route(request.method, [p.decode("utf-8", "replace") for p in request.postpath])
         if route is None:
             path = request.path.decode("ascii", "replace")[:200]
@@ -120,7 +126,7 @@ class Api(resource.Resource):
         return threads.deferToThreadPool(self.reactor, self.pool, f, *args)
 
     def _json_body(self, request):
-        data = request.content.getvalue()
+        data = _take_body(request)
         if len(data) > PARSE_IN_THREAD_BYTES:
             return self._off_reactor(decode_object, data, "body")
         return defer.maybeDeferred(decode_object, data, "body")
@@ -128,7 +134,7 @@ class Api(resource.Resource):
     def _form(self, request):
         """The multipart form of a request (parsed in the pool: it holds images)."""
         content_type = (request.getHeader("content-type") or "")[:1000]
-        return self._off_reactor(multipart.parse, request.content.getvalue(), content_type)
+        return self._off_reactor(multipart.parse, _take_body(request), content_type)
 
     # Models ------------------------------------------------------------------------
 

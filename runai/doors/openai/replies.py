@@ -55,8 +55,19 @@ def error_reply(error):
     else:
         match = PARAM_RE.search(error.message)
         param = match.group(1) if match and match.group(1) in PARAMS else None
-    kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return status, {"error": {"message": error.message, "type": kind, "param": param, "code": code}}
+    return status, {"error": {"message": error.message, "type": _type(status), "param": param, "code": code}}
+
+
+def _type(status):
+    return TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status, error):
+    """The body of an answer the site gives before a route sees the request, with the
+    status the site chose (408, 413, 414, 431, 503...): OpenAI's error shape."""
+    _, body = error_reply(error)
+    body["error"]["type"] = _type(status)
+    return json.dumps(body).encode("utf-8")
 
 
 def encode(image, reply):

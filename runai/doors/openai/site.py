@@ -1,52 +1,26 @@
-# -*- test-case-name: runai.test.test_openai -*-
-"""The OpenAI door's twisted.web site: request bodies held in memory and bounded
-(twisted.web would spill a large one into a temporary file, and parse a form itself:
-runai writes nothing to disk, and parses forms in :mod:`runai.doors.openai.multipart`),
-:class:`~runai.doors.openai.api.Api` at ``/v1``, and the token check: ``Authorization:
-Bearer TOKEN``, what OpenAI's clients send as their API key."""
+# -*- test-case-name: runai.test.test_openai_site,runai.test.test_openai -*-
+"""The OpenAI door's twisted.web site: the HTTP door's hardened
+:class:`runai.doors.http.site.Site`, with OpenAI's error body (``{"error": {"message",
+"type", "param", "code"}}``) and OpenAI's token check: ``Authorization: Bearer TOKEN``,
+what OpenAI's clients send as their API key.
+
+So the same bounds hold as on ``--http``: a request without the token is answered 401
+from its headers, before any of its body is read; bodies are held in memory (twisted.web
+would spill a large one into a temporary file, and parse a form itself: runai parses
+forms in :mod:`runai.doors.openai.multipart`), and one over ``--max-message-size`` is
+answered 413 as soon as its length is known; 414 for a long URL, 431 for large headers,
+408 for a request that trickles in, 503 past the cap on connections.
+:class:`~runai.doors.openai.api.Api` is at ``/v1``."""
 
 import hmac
-import io
 
-from twisted.web import resource, server
+from twisted.web import resource
 
 from runai.core import errors
+from runai.doors.http import site
+from runai.doors.openai.replies import error_body
 
-
-class LimitedRequest(server.Request):
-    """A request whose body is read into memory up to the site's ``max_body`` bytes; past
-    that the rest is read and dropped, and the request is answered 413. The token is
-    checked once the headers are in: a request without it has its body dropped as it
-    arrives, never held, and is answered 401."""
-
-    def gotLength(self, length):
-        site = self.channel.site
-        self.body_limit = site.max_body
-        self.body_size = 0
-        self.content = io.BytesIO()  # never a temporary file on disk
-        self.too_large = length is not None and length > self.body_limit
-        self.drop_body = not authorized(self, site.token)
-
-    def handleContentChunk(self, data):
-        self.body_size += len(data)
-        if self.body_size > self.body_limit:
-            self.too_large = True
-        if self.too_large or self.drop_body:
-            if self.content.tell():
-                self.content = io.BytesIO()
-            return
-        self.content.write(data)
-
-
-class Site(server.Site):
-    requestFactory = LimitedRequest
-    noisy = False
-
-    def __init__(self, root, max_body, timeout=60, token=None):
-        # No form parsing by twisted.web: the routes parse their own, bounded.
-        super().__init__(root, parsePOSTFormSubmission=False, timeout=timeout)
-        self.max_body = max_body
-        self.token = token
+AUTHENTICATE = ("WWW-Authenticate", 'Bearer realm="runai"')
 
 
 def authorized(request, token):
@@ -61,15 +35,33 @@ def authorized(request, token):
     return hmac.compare_digest(given, token if isinstance(token, bytes) else token.encode("utf-8"))
 
 
-def unauthorized(request):
-    request.setHeader("www-authenticate", 'Bearer realm="runai"')
+def unauthorized_error():
     return errors.RunaiError(errors.UNAUTHORIZED, "this server needs its token as the API key: "
                                                   "Authorization: Bearer TOKEN")
 
 
-def make_site(api, max_body, timeout=60):
-    """The site: ``api`` (a :class:`runai.doors.openai.api.Api`) at ``/v1``; a connection
-    idle for ``timeout`` seconds between requests is closed."""
+def unauthorized(request):
+    """Mark ``request`` 401 (with ``WWW-Authenticate: Bearer``) and return its RunaiError."""
+    request.setHeader(AUTHENTICATE[0], AUTHENTICATE[1])
+    return unauthorized_error()
+
+
+class Site(site.Site):
+    """The HTTP door's site, answering early in OpenAI's shapes; ``token`` (str, bytes or
+    None) is the shared secret, taken as a Bearer token only."""
+
+    def __init__(self, root, max_body, timeout=60, token=None, reactor=None):
+        super().__init__(root, max_body, timeout=timeout, token=token, reactor=reactor, early=True,
+                         error_body=error_body)
+
+    def refusal(self, request, length):
+        if not authorized(request, self.token):
+            return 401, unauthorized_error(), (AUTHENTICATE,)
+        return super().refusal(request, length)
+
+
+def make_site(api, max_body, timeout=60, reactor=None):
+    """The site: ``api`` (a :class:`runai.doors.openai.api.Api`) at ``/v1``."""
     root = resource.Resource()
     root.putChild(b"v1", api)
-    return Site(root, max_body, timeout=timeout, token=api.token)
+    return Site(root, max_body, timeout=timeout, token=api.token, reactor=reactor)

@@ -15,7 +15,7 @@ from twisted.python import usage
 from runai import tls
 from runai.doors.legacy import framing
 from runai.ops import options as ops_options
-from runai.tokenfile import read_token
+from runai.tokenfile import read_server_token
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -141,6 +141,15 @@ class WorkerOptions(usage.Options):
         except usage.UsageError as e:
             raise OptionError(str(e).removeprefix("Parameter type enforcement failed: ")) from None
 
+    def read_token_file(self):
+        """``token``: the token of ``--token-file`` (16 characters or more), or None without one."""
+        self["token"] = None
+        if self["token-file"] is not None:
+            try:
+                self["token"] = read_server_token(self["token-file"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+
     def check_workers(self):
         """Check ``--device``, ``--dtype`` and ``--cache-size``; a UsageError naming the option."""
         self["devices"] = self["devices"] or ["auto"]
@@ -232,14 +241,7 @@ class Options(WorkerOptions):
         if self["missing-safety-checker"] not in ("refuse", "unchecked"):
             raise usage.UsageError("--missing-safety-checker must be 'refuse' or 'unchecked'")
         self["model-dir"] = checked_model_dir(self["model-dir"])
-        self["token"] = None
-        if self["token-file"] is not None:
-            try:
-                self["token"] = read_token(self["token-file"])
-            except ValueError as e:
-                raise usage.UsageError(str(e)) from None
-            if len(self["token"]) < 16:
-                raise usage.UsageError(f"--token-file {self['token-file']}: the token must be at least 16 characters")
+        self.read_token_file()
         self["db-key"] = None
         if self["db"] is not None or self["db-key-file"] is not None:
             from runai.history.key import check_options  # only with --db: without it no store code runs

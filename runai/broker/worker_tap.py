@@ -1,10 +1,11 @@
-# -*- test-case-name: runai.test.test_broker_e2e -*-
+# -*- test-case-name: runai.test.test_broker_e2e,runai.test.test_health -*-
 """``twistd runai-worker --broker URL --model-dir DIR --device cuda:0 [--device cuda:1]``:
 GPU workers for front servers on other machines, through Redis.
 
 One :class:`runai.backends.local.LocalWorker` per ``--device`` (as ``twistd runai``
 builds them), each served by one :class:`runai.broker.consumer.Consumer`. Listens on
-nothing; connects to Redis only. Imports nothing heavy: torch loads in the worker threads.
+nothing but ``--metrics`` (guarded by ``--token-file``); connects to Redis only. Imports
+nothing heavy: torch loads in the worker threads.
 """
 
 import os
@@ -29,7 +30,7 @@ log = Logger(namespace="runai.worker")
 class Options(WorkerOptions):
     synopsis = "--broker URL [options]"
     longdesc = ("Run Stable Diffusion jobs that front servers (twistd runai --broker URL) put on a Redis "
-                "stream, one worker per --device. Listens on nothing.")
+                "stream, one worker per --device. Listens on nothing but --metrics, if given.")
     optParameters = broker_options.PARAMETERS + [
         ["model-dir", "m", "~/stablediffusion", "The model folder; jobs name models relative to it, as in the "
                                                 "front's folder, and reach nothing outside it."],
@@ -42,6 +43,9 @@ class Options(WorkerOptions):
         ["max-deliveries", None, 3, "A job taken this many times without finishing fails instead of running "
                                     "again.", _number(int, "max-deliveries")],
         ["name", None, None, "This process's name among the workers (default: host-pid); each device adds -N."],
+        ["token-file", None, None, "A file holding a shared secret that every --metrics request must carry "
+                                   "(Authorization: Bearer TOKEN, or HTTP Basic with it as the password) unless "
+                                   "--metrics-public; a worker takes no other request."],
         *ops_options.PARAMETERS,
     ]
     optFlags = ops_options.FLAGS
@@ -57,6 +61,9 @@ class Options(WorkerOptions):
             raise usage.UsageError("--shutdown-timeout must be a positive number of seconds")
         self["model-dir"] = checked_model_dir(self["model-dir"])
         self["name"] = self["name"] or f"{socket.gethostname()}-{os.getpid()}"
+        self.read_token_file()
+        if self["token"] is not None and self["metrics"] is None:
+            raise usage.UsageError("--token-file needs --metrics: on runai-worker it guards only the metrics")
         ops_options.check(self)
 
 

@@ -20,7 +20,7 @@ from runai.broker.url import PASSWORD_VARIABLE, parse_url
 from runai.cli import systemd
 
 # runai-worker's options whose value is a file, made absolute.
-PATH_OPTIONS = ("--broker-password-file", "--broker-ca-file")
+PATH_OPTIONS = ("--broker-password-file", "--broker-ca-file", "--token-file")
 OWN_OPTIONS = ("-m", "--model-dir", "--broker")
 
 

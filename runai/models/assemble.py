@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.loaders import single_file_utils
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from runai.models import loadlock
+from runai.models import loadlock, sources
 from runai.models.classify import UNET
 from runai.models.errors import LoadError
 from runai.models.paths import check_tree, contained
@@ -52,6 +52,7 @@ def tokenizer_at(model_dir, folder, file_sets=TOKENIZER_FILE_SETS):
         check_tree(model_dir, resolved, limit=1000)
     except LoadError:
         return None
+    sources.note(resolved)  # the cache reloads when a file in it changes
     return resolved
 
 

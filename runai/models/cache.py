@@ -1,4 +1,4 @@
-# -*- test-case-name: runai.test.test_cache,runai.test.test_engine_xl -*-
+# -*- test-case-name: runai.test.test_cache,runai.test.test_cache_companions,runai.test.test_engine_xl -*-
 """Loading Stable Diffusion pipelines, offline, and keeping the recent ones loaded.
 
 Worker thread only (imports torch and diffusers).
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from runai import families
 from runai.core import errors
-from runai.models import loadlock
+from runai.models import loadlock, sources
 from runai.models.classify import REFINER, REFINER_REFUSAL, classify_diffusers
 from runai.models.errors import MAX_CAUSE_CHARS, LoadError
 from runai.models.footprint import disk_signature, estimate_bytes, pipeline_bytes
@@ -69,6 +69,7 @@ class Loaded:
     signature: tuple
     seconds: float
     modules: tuple = ()  # the companion files it was built with, as the client chose them
+    sources: tuple = ()  # the stats of every other file it was built from (runai.models.sources)
     dtype: object = None  # the precision it runs in (a family may need another than the default)
     loras: object = None  # the LoRAs merged into its weights (runai.models.lora_apply.Merged)
 
@@ -158,12 +159,13 @@ class ModelLoader:
         modules = tuple(str(m) for m in modules)
         signature = disk_signature(path)
         entry = self._cache.get(path)
-        if entry is not None and entry.signature == signature and entry.modules == modules:
+        stale = entry is not None and self._stale(entry, signature, modules)
+        if entry is not None and not stale:
             self._cache.move_to_end(path)
             self.current = entry
             return entry
         if entry is not None:
-            log.info("{name} changed on disk or in its companion files; loading it again", name=name)
+            log.info("model {name}: {why}; loading it again", name=name, why=stale)
             self._drop(path)
         self.current = None
         dtype = self.dtype_of(path)
@@ -171,12 +173,13 @@ class ModelLoader:
         self._make_room(estimate)
         started = time.monotonic()
         log.info("loading model {name}", name=name)
-        pipe, cause, oom = self._try_load(path, name, dtype, modules)
-        if oom and self._cache:
-            # Whatever else is cached may be what stands in the way: drop it and try again.
-            log.info("out of memory loading {name}; unloading the other models and retrying", name=name)
-            self.unload()
+        with sources.recording() as used:  # the other files it is built from: companions, configs
             pipe, cause, oom = self._try_load(path, name, dtype, modules)
+            if oom and self._cache:
+                # Whatever else is cached may be what stands in the way: drop it and try again.
+                log.info("out of memory loading {name}; unloading the other models and retrying", name=name)
+                self.unload()
+                pipe, cause, oom = self._try_load(path, name, dtype, modules)
         if cause is not None:
             # Outside the except block, so that the traceback, and the half-loaded
             # weights its frames hold, are gone before memory is freed.
@@ -198,7 +201,7 @@ class ModelLoader:
             # overrides (Karras sigmas, ...) never leak into the next request's scheduler.
             scheduler_config=copy.deepcopy(dict(pipe.scheduler.config)),
             nbytes=pipeline_bytes(pipe), signature=signature, seconds=time.monotonic() - started,
-            modules=modules, dtype=dtype,
+            modules=modules, dtype=dtype, sources=tuple(used),
         )
         self._cache[path] = entry
         self.current = entry
@@ -210,6 +213,20 @@ class ModelLoader:
         log.info("loaded model {name} in {seconds:.1f}s ({mb} MB); {n} model(s) cached",
                  name=name, seconds=entry.seconds, mb=entry.nbytes // 2**20, n=len(self._cache))
         return entry
+
+    def _stale(self, entry, signature, modules):
+        """Why the cached ``entry`` is not the model on disk any more, or None: from
+        ``os.stat`` alone (its own files, and the companions and configs it was built from)."""
+        if entry.modules != modules:
+            return "the client chose other companion files"
+        changed = sources.first_difference(entry.signature, signature) or sources.changed(entry.sources)
+        if changed is None:
+            return None
+        resolved = Path(os.path.realpath(changed))
+        root = Path(os.path.realpath(self.model_dir)) if self.model_dir is not None else None
+        inside = root is not None and resolved.is_relative_to(root)
+        shown = resolved.relative_to(root).as_posix() if inside else resolved.name
+        return f"its file {shown} changed on disk"
 
     def dtype_of(self, path):
         """The precision ``path`` runs in: the loader's, unless ``--dtype auto`` lets the

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from runai.models import checkpoint, flowparts
+from runai.models import checkpoint, flowparts, sources
 from runai.models.classify import classify_state
 from runai.models.errors import CheckpointError, LoadError
 from runai.models.flowparts import CLIP, CLIP_G, CLIP_L, T5XXL
@@ -83,7 +83,7 @@ _cache_lock = threading.Lock()
 def _read(resolved):
     """``(Classification, shapes)`` of a .safetensors header, cached by size and mtime."""
     st = os.stat(resolved)
-    key = (str(resolved), st.st_size, st.st_mtime_ns)
+    key = (str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
     with _cache_lock:
         found = _cache.get(key)
     if found is None:
@@ -321,6 +321,7 @@ def find_companions(model_dir, path, classification, chosen=None, shapes=None):
     lacking = [r for r in ROLES[family] if r not in inside and r not in result and r not in OPTIONAL[family]]
     if lacking:
         raise LoadError(_missing_message(family, model_dir, path, inside, lacking))
+    sources.note(*(cand.path for cand in result.values()))  # the cache reloads when one changes
     return {role: cand.path for role, cand in result.items()}
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: runai.test.test_cache -*-
+# -*- test-case-name: runai.test.test_cache,runai.test.test_cache_companions -*-
 """What a model weighs and when it changed on disk: the sizes the cache counts
 (:func:`pipeline_bytes`, :func:`estimate_bytes` before a load) and the signature that
 tells a stale cached copy (:func:`disk_signature`). Worker thread only (imports torch).
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from runai import families
-from runai.models import checkpoint
+from runai.models import checkpoint, sources
 from runai.models.errors import CheckpointError
 
 
@@ -31,26 +31,29 @@ def pipeline_bytes(pipe):
 # The sub-folders of weights of every family's diffusers folders.
 WEIGHT_FOLDERS = families.weight_folders()
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
+# Of a diffusers folder's sub-folders, how many the signature looks into (a model has ten at most).
+MAX_COMPONENT_FOLDERS = 64
 
 
 def disk_signature(path):
-    """Changes when the model on disk is replaced, so a stale cached copy is reloaded."""
+    """Changes when the model on disk is replaced, so a stale cached copy is reloaded: the
+    ``os.stat`` (size, mtime, inode) of a file, or of a diffusers folder's model_index.json
+    and of every file in its component folders (weights, configs, tokenizers). Opens no file."""
     probes = [path]
     if os.path.isdir(path):
         probes = [os.path.join(path, "model_index.json")]
-        for sub in WEIGHT_FOLDERS:
+        try:
+            with os.scandir(path) as it:
+                subs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        except OSError:
+            subs = []
+        for sub in sorted(set(subs[:MAX_COMPONENT_FOLDERS]) | set(WEIGHT_FOLDERS)):
             try:
-                probes += sorted(e.path for e in os.scandir(os.path.join(path, sub)))
+                with os.scandir(os.path.join(path, sub)) as it:
+                    probes += sorted(e.path for e in it if not e.name.startswith("."))[:sources.MAX_FOLDER_ENTRIES]
             except OSError:
                 pass
-    signature = []
-    for probe in probes:
-        try:
-            st = os.stat(probe)
-            signature.append((probe, st.st_size, st.st_mtime_ns))
-        except OSError:
-            signature.append((probe, None))
-    return tuple(signature)
+    return tuple(sources.stat_of(probe) for probe in probes)
 
 
 def loaded_weight_files(folder):

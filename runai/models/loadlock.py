@@ -1,4 +1,4 @@
-# -*- test-case-name: runai.test.test_concurrent_loads -*-
+# -*- test-case-name: runai.test.test_concurrent_loads,runai.test.test_cache_companions -*-
 """One model load at a time in the whole process, and one read from disk for workers that
 want the same model at once.
 
@@ -36,6 +36,8 @@ from contextlib import contextmanager
 
 from twisted.logger import Logger
 
+from runai.models import sources
+
 log = Logger()
 
 _lock = threading.RLock()
@@ -55,6 +57,7 @@ class _Share:
     def __init__(self):
         self.wanting = 0
         self.template = None
+        self.sources = ()  # the template's other files, as they were when it was loaded
 
 
 # Guards _shares alone; never held while waiting for the load lock.
@@ -109,8 +112,10 @@ def load_once(key, device, load, name):
     on ``device``, its own (weights, scheduler, everything), made without reading the disk.
 
     ``key`` says what must be equal for a copy to be as good as a load: the path, its
-    bytes on disk, the model folder and the precision. A copy is offered only while some
-    loader waits for the same key, so a model loaded alone costs nothing more.
+    bytes on disk, the model folder and the precision; and the other files the load was
+    built from (companions, configs: :mod:`runai.models.sources`) must not have changed
+    since, or the waiting loader reads them from disk itself. A copy is offered only while
+    some loader waits for the same key, so a model loaded alone costs nothing more.
     """
     import torch
 
@@ -120,7 +125,12 @@ def load_once(key, device, load, name):
     try:
         with loading():
             template = share.template
-            if template is not None:
+            stale = template is not None and sources.changed(share.sources)
+            if stale:
+                # A companion file was replaced since that load: it is not this model any more.
+                log.info("{name}: its file {path} changed since another worker loaded it; reading it from disk",
+                         name=name, path=stale)
+            elif template is not None:
                 try:
                     pipe = template.copy_to(device)
                 except torch.OutOfMemoryError:
@@ -132,13 +142,15 @@ def load_once(key, device, load, name):
                 else:
                     log.info("{name}: copied onto {device} from the load another worker just made",
                              name=name, device=str(device))
+                    sources.add(share.sources)  # the copy is built from the same files
                     return pipe
-            pipe = load()
+            with sources.recording() as used:
+                pipe = load()
             with _books:
                 others = share.wanting > 1
             if others:
                 try:
-                    share.template = _Template(pipe)
+                    share.template, share.sources = _Template(pipe), tuple(used)
                 except Exception:
                     log.failure("{name}: the model cannot be copied; the other workers read it from disk",
                                 name=name)
@@ -148,6 +160,6 @@ def load_once(key, device, load, name):
             share.wanting -= 1
             if not share.wanting:
                 # No one else waits: the template, and the weights it shares, go.
-                share.template = None
+                share.template, share.sources = None, ()
                 if _shares.get(key) is share:
                     del _shares[key]

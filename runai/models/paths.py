@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from runai.core import errors
+from runai.models import sources
 from runai.models.errors import LoadError
 
 MAX_NAME_LENGTH = 4096
@@ -149,6 +150,7 @@ def read_json(model_dir, path):
     resolved = contained(model_dir, path)
     if resolved is None or not resolved.is_file():
         return None
+    sources.note(resolved)  # a config a load reads: the cache reloads when it changes
     if resolved.stat().st_size > MAX_JSON_BYTES:
         return None
     try:

@@ -75,7 +75,7 @@ class Metrics:
 
     def watch(self, **callbacks):
         """What to read when scraped, each a callable: ``queue_depth``, ``jobs_running``,
-        ``workers``, ``cache_bytes`` (numbers) and ``device_memory`` (``{device: bytes}``)."""
+        ``workers``, ``workers_failing``, ``cache_bytes`` (numbers) and ``device_memory`` (``{device: bytes}``)."""
         self.gauges.callbacks.update(callbacks)
 
     # Hooks -----------------------------------------------------------------------------
@@ -145,6 +145,8 @@ class _Gauges:
         "queue_depth": ("runai_queue_depth", "Jobs waiting for a worker."),
         "jobs_running": ("runai_jobs_running", "Jobs running now."),
         "workers": ("runai_workers", "Workers that can take jobs now."),
+        "workers_failing": ("runai_workers_failing", "Live workers whose last jobs all failed to load a model or "
+                                                     "on the device (none can serve until one succeeds)."),
         "cache_bytes": ("runai_model_cache_bytes", "Bytes of model weights the workers keep loaded."),
     }
 

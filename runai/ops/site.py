@@ -1,7 +1,8 @@
 # -*- test-case-name: runai.test.test_metrics -*-
 """The ``--metrics`` site: ``GET /metrics`` (Prometheus text, or OpenMetrics when asked
 for) and ``GET /health`` (200 ``{"status": "ok", "workers": N}`` while workers serve, 503
-``{"status": "unavailable", "reason": ...}`` when none can).
+``{"status": "unavailable", "reason": ...}`` when none can; with local workers, ``"failing"``
+counts the live ones whose last jobs all failed, :mod:`runai.ops.health`).
 
 The scrape is rendered on the reactor thread, not in a thread pool as
 ``prometheus_client.twisted.MetricsResource`` would: the gauges read the queue and the

@@ -1,4 +1,4 @@
-# -*- test-case-name: runai.test.test_metrics -*-
+# -*- test-case-name: runai.test.test_metrics,runai.test.test_health -*-
 """``--metrics`` in a service tree: what is counted, what is read when scraped, and the
 site that serves them. Imported by ``runai/tap.py`` and ``runai/broker/worker_tap.py``
 only when ``--metrics`` is given.
@@ -7,20 +7,21 @@ only when ``--metrics`` is given.
   workers, or the workers behind ``--broker``), by door; the refusals, the core's and
   those its doors answer by themselves (:func:`count_door_refusals`); the queue; with
   local workers, their model loads, cache and device memory. ``/health`` follows the
-  local workers' threads, or Redis and the workers seen on it.
+  local workers' threads and their failures (:class:`WatchedWorker`), or Redis and the
+  workers seen on it.
 - ``twistd runai-worker`` (:func:`worker_metrics`): the jobs it runs, its loads, cache and
-  device memory; ``/health`` follows its workers' threads.
+  device memory; ``/health`` follows its workers' threads and their failures.
 """
 
 import ipaddress
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 from runai.core import errors
 from runai.core.interfaces import IWorker
-from runai.ops.health import broker_check, local_check
+from runai.ops.health import FailureWatch, broker_check, local_check
 from runai.ops.metrics import OK, Metrics, outcome_of
 from runai.ops.site import make_site
 
@@ -36,11 +37,19 @@ def front_metrics(config, reactor, core, workers, services=()):
     core.metrics = metrics
     count_door_refusals(metrics, services)
     backend = core.backend
-    check = local_check(workers) if workers else broker_check(backend)
+    if workers:
+        watch = FailureWatch()
+        # The queue runs its jobs through wrappers that tell the watch how each ended.
+        watched = {id(worker): WatchedWorker(worker, watch) for worker in workers}
+        backend.workers = [watched.get(id(worker), worker) for worker in getattr(backend, "workers", ())]
+        check = local_check(workers, watch)
+    else:
+        check = broker_check(backend)
     metrics.watch(queue_depth=lambda: backend.queued,
                   jobs_running=lambda: sum(1 for job in backend.jobs() if job.state == "running"),
                   workers=lambda: check().workers)
     if workers:
+        metrics.watch(workers_failing=lambda: check().failing)
         _watch_workers(metrics, workers)
     return _site(config, reactor, metrics, check, config.get("token"))
 
@@ -49,10 +58,11 @@ def worker_metrics(config, reactor, workers):
     """``(observed, site, started)`` for ``twistd runai-worker``: ``observed`` are the
     ``workers``, each wrapped to count the jobs it runs, for its broker consumer."""
     metrics = Metrics()
-    observed = [ObservedWorker(worker, metrics) for worker in workers]
-    check = local_check(workers)
+    watch = FailureWatch()
+    observed = [ObservedWorker(worker, metrics, watch=watch) for worker in workers]
+    check = local_check(workers, watch)
     metrics.watch(jobs_running=lambda: sum(worker.jobs_running for worker in observed),
-                  workers=lambda: check().workers)
+                  workers=lambda: check().workers, workers_failing=lambda: check().failing)
     _watch_workers(metrics, workers)
     site, started = _site(config, reactor, metrics, check, config.get("token"))
     return observed, site, started
@@ -100,15 +110,16 @@ def _is_loopback(host):
 
 
 @implementer(IWorker)
-class ObservedWorker:
-    """``worker`` (an IWorker), its jobs counted into ``metrics`` as they end (as door
-    ``broker``: a runai-worker's jobs all come through it)."""
+class WatchedWorker:
+    """``worker`` (an IWorker, and whatever else it provides), how each of its jobs ended
+    told to ``watch`` (a :class:`runai.ops.health.FailureWatch`): its error's code, never
+    its message."""
 
-    def __init__(self, worker, metrics, door="broker"):
+    def __init__(self, worker, watch=None):
         self.worker = worker
-        self.metrics = metrics
-        self.door = door
+        self.watch = watch
         self.jobs_running = 0
+        directlyProvides(self, providedBy(worker))  # IMemoryControl too, where the worker has it
 
     def __getattr__(self, name):
         if name == "worker":  # not set yet: no recursion
@@ -124,14 +135,34 @@ class ObservedWorker:
         d.addCallbacks(self._succeeded, self._failed, callbackArgs=(job,), errbackArgs=(job,))
         return d
 
+    def ended(self, job, outcome):
+        """``job`` ended with ``outcome`` (ok, error or cancelled)."""
+
     def _succeeded(self, result, job):
         self.jobs_running -= 1
-        self.metrics.job_ended(job, self.door, OK)
+        if self.watch is not None:
+            self.watch.succeeded(self.worker)
+        self.ended(job, OK)
         return result
 
     def _failed(self, failure, job):
         self.jobs_running -= 1
         error = failure.value
-        outcome = outcome_of(error) if isinstance(error, errors.RunaiError) else "error"
-        self.metrics.job_ended(job, self.door, outcome)
+        known = isinstance(error, errors.RunaiError)
+        if self.watch is not None:
+            self.watch.failed(self.worker, error.code if known else errors.INTERNAL)
+        self.ended(job, outcome_of(error) if known else "error")
         return failure
+
+
+class ObservedWorker(WatchedWorker):
+    """``worker`` (an IWorker), its jobs counted into ``metrics`` as they end (as door
+    ``broker``: a runai-worker's jobs all come through it), and told to ``watch``."""
+
+    def __init__(self, worker, metrics, door="broker", watch=None):
+        super().__init__(worker, watch)
+        self.metrics = metrics
+        self.door = door
+
+    def ended(self, job, outcome):
+        self.metrics.job_ended(job, self.door, outcome)

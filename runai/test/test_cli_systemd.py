@@ -206,6 +206,16 @@ class WorkerUnitTests(SynchronousTestCase):
         self.assertEqual(stderr, "" if self.user != "root" else
                          "runai systemd-unit: warning: the unit runs the worker as root; name its user with --user\n")
 
+    def test_the_metrics_token_file_is_made_absolute(self):
+        here = os.path.abspath(".")
+        for extra, expected in ((["--token-file", "metrics.token"], ["--token-file", f"{here}/metrics.token"]),
+                                (["--token-file=~/metrics.token"],
+                                 [f"--token-file={os.path.expanduser('~/metrics.token')}"])):
+            status, text, stderr = self.unit("--worker", "--broker", "redis://10.0.0.1:6379/0", "--model-dir",
+                                             self.models, "--", "--metrics", "9108", *extra)
+            self.assertEqual(status, 0, stderr)
+            self.assertEqual(exec_start(text)[-len(expected) - 2:], ["--metrics", "9108", *expected])
+
     def test_a_broker_by_host_name_has_no_ip_filter(self):
         status, text, stderr = self.unit("--worker", "--broker", "rediss://redis.lan:6380/2", "--model-dir",
                                          self.models)

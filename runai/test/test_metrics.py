@@ -351,7 +351,7 @@ class EndToEndTests(e2e.LiveServer, TestCase):
         self.assertNotIn("v1/tiny", body)  # no model name
 
         status, body = yield get(self.metrics_port, "/health")
-        self.assertEqual((status, json.loads(body)), (200, {"status": "ok", "workers": 1}))
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok", "workers": 1, "failing": 0}))
         yield self.worker.stopService()
         status, body = yield get(self.metrics_port, "/health")
         self.assertEqual(status, 503)

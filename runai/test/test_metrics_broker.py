@@ -59,7 +59,8 @@ class BrokerMetricsTests(SynchronousTestCase):
         status, body = fetch(front, "/health", TOKEN)
         self.assertEqual((status, json.loads(body)["status"]), (503, "unavailable"))  # no worker yet
 
-        _, worker_log = start_worker(self, self.redis.url, "--device", "cpu", "--metrics", "0")
+        _, worker_log = start_worker(self, self.redis.url, "--device", "cpu", "--metrics", "0", "--token-file",
+                                     token_file)
         worker = int(wait_for_line(self, worker_log, LISTENING).group(1))
         status, body = self.health_until(front, 200, TOKEN)
         self.assertEqual((status, json.loads(body)), (200, {"status": "ok", "workers": 1}))
@@ -81,7 +82,8 @@ class BrokerMetricsTests(SynchronousTestCase):
         self.assertEqual(found[("runai_model_loads_total", ())], 0)  # the front loads no model
         self.assertNotIn(("runai_model_cache_bytes", ()), found)
 
-        status, body = fetch(worker, "/metrics")  # a runai-worker has no token
+        self.assertEqual(fetch(worker, "/metrics")[0], 401)  # the worker's --token-file guards its metrics
+        status, body = fetch(worker, "/metrics", TOKEN)
         self.assertEqual(status, 200)
         found = samples(body)
         self.assertEqual(found[("runai_jobs_total", (("action", "txt2img"), ("door", "broker"), ("outcome", "ok")))],
@@ -89,4 +91,5 @@ class BrokerMetricsTests(SynchronousTestCase):
         self.assertEqual(found[("runai_job_seconds_count", ())], 1)
         self.assertEqual(found[("runai_model_loads_total", ())], 1)
         self.assertGreater(found[("runai_model_cache_bytes", ())], 0)
-        self.assertEqual(fetch(worker, "/health"), (200, json.dumps({"status": "ok", "workers": 1})))
+        self.assertEqual(fetch(worker, "/health", TOKEN), (200, json.dumps({"status": "ok", "workers": 1,
+                                                                             "failing": 0})))

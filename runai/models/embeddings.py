@@ -154,34 +154,27 @@ def expected_widths(model_path, model_dir, family, classification):
     return widths if widths and len(widths) == len(encoders) else None
 
 
+def _read_embedding(resolved, size):
+    """:func:`describe`'s answer for a file of ``size`` bytes, or None: not an embedding
+    that can be read (a model's file, often)."""
+    if not 0 < size <= MAX_FILE_BYTES:
+        return None
+    try:
+        return describe(resolved)
+    except Exception:
+        return None
+
+
 class EmbeddingIndex:
     """The embedding files of one model folder; thread-safe."""
 
     def __init__(self, model_dir):
         self.model_dir = Path(os.path.realpath(model_dir))
         self._lock = threading.Lock()
-        self._described = {}  # (path, size, mtime) -> describe()'s answer, or None
+        self._describe = walk.ReadOnce(_read_embedding)  # resolved -> (describe()'s answer or None, size)
         self._files, self._folders, self._scanned = None, {}, 0.0
         self._lookups = {}  # widths -> prompts.name_index of the files that fit
         self._reported = set()
-
-    def _describe(self, resolved):
-        st = os.stat(resolved)
-        key = (str(resolved), st.st_size, st.st_mtime_ns)
-        with self._lock:
-            if key in self._described:
-                return self._described[key], st.st_size
-        info = None
-        if 0 < st.st_size <= MAX_FILE_BYTES:
-            try:
-                info = describe(resolved)
-            except Exception:
-                info = None  # not an embedding that can be read; a model's file often
-        with self._lock:
-            if len(self._described) > 4096:
-                self._described.clear()
-            self._described[key] = info
-        return info, st.st_size
 
     def _scan(self):
         found, folders = walk.model_files(self.model_dir, SUFFIXES)
@@ -193,13 +186,10 @@ class EmbeddingIndex:
                 continue
             if info is not None:
                 files.append((path.relative_to(self.model_dir).as_posix(), str(resolved), size, info))
-        stems = {}
-        for relative, *_ in files:
-            stems[Path(relative).stem] = stems.get(Path(relative).stem, 0) + 1
+        named = walk.short_names([relative for relative, *_ in files])
         entries = []
         for relative, resolved, size, info in files:
-            stem = Path(relative).stem
-            name = stem if stems[stem] == 1 else os.path.splitext(relative)[0]
+            name = named[relative]
             vectors, widths, keys, step, sd_checkpoint, sd_checkpoint_name = info
             entries.append(EmbeddingFile(name=name, relative=relative, path=resolved, size=size, vectors=vectors,
                                          widths=widths, keys=keys, step=step, sd_checkpoint=sd_checkpoint,

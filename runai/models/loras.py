@@ -17,7 +17,6 @@ followed only to a place inside it, and names are looked up, never joined to a p
 
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,13 +82,29 @@ def bounded_metadata(metadata):
     return kept
 
 
-class LoraIndex:
+def _read_lora(resolved, size):
+    """``(is a LoRA, family, metadata)`` of a file of ``size`` bytes, from its header (or
+    its pickle's static walk)."""
+    try:
+        if resolved.suffix.lower() != ".safetensors" and size > MAX_PICKLE_BYTES:
+            raise ValueError("a whole model, not a LoRA")  # its pickle is not walked on the reactor
+        shapes, metadata = checkpoint.tensor_shapes(resolved)
+    except Exception:
+        return (False, UNKNOWN, {})
+    lora = lora_keys.is_lora(shapes)
+    family = lora_keys.family_of(shapes, metadata) if lora else UNKNOWN
+    return (lora, family, bounded_metadata(metadata) if lora else {})
+
+
+class LoraIndex(walk.NamedFiles):
     """The LoRA files of one model folder; thread-safe."""
+
+    refresh_seconds = REFRESH_SECONDS
 
     def __init__(self, model_dir):
         self.model_dir = Path(os.path.realpath(model_dir))
         self._lock = threading.Lock()
-        self._described = {}  # (path, size, mtime) -> (is a LoRA, family, metadata)
+        self._describe = walk.ReadOnce(_read_lora)  # resolved -> ((is a LoRA, family, metadata), size)
         self._files = None
         self._names = {}
         self._scanned = 0.0
@@ -100,46 +115,20 @@ class LoraIndex:
         # The same bounded walk as the embeddings' (runai.models.walk).
         return walk.model_files(self.model_dir, SUFFIXES)[0]
 
-    def _describe(self, resolved):
-        st = os.stat(resolved)
-        key = (str(resolved), st.st_size, st.st_mtime_ns)
-        with self._lock:
-            known = self._described.get(key)
-        if known is None:
-            try:
-                if resolved.suffix.lower() != ".safetensors" and st.st_size > MAX_PICKLE_BYTES:
-                    raise ValueError("a whole model, not a LoRA")  # its pickle is not walked on the reactor
-                shapes, metadata = checkpoint.tensor_shapes(resolved)
-            except Exception:
-                known = (False, UNKNOWN, {}, st.st_size)
-            else:
-                lora = lora_keys.is_lora(shapes)
-                family = lora_keys.family_of(shapes, metadata) if lora else UNKNOWN
-                known = (lora, family, bounded_metadata(metadata) if lora else {}, st.st_size)
-            with self._lock:
-                if len(self._described) > 4096:
-                    self._described.clear()
-                self._described[key] = known
-        return known
-
     def _scan(self):
         files = []
         for path, resolved in self._walk():
             try:
-                lora, family, metadata, size = self._describe(resolved)
+                (lora, family, metadata), size = self._describe(resolved)
             except OSError:
                 continue
             if lora:
                 relative = path.relative_to(self.model_dir).as_posix()
                 files.append((relative, resolved, size, family, metadata))
-        stems = {}
-        for relative, *_ in files:
-            stem = Path(relative).stem
-            stems[stem] = stems.get(stem, 0) + 1
+        named = walk.short_names([relative for relative, *_ in files])
         entries = []
         for relative, resolved, size, family, metadata in files:
-            stem = Path(relative).stem
-            name = stem if stems[stem] == 1 else os.path.splitext(relative)[0]
+            name = named[relative]
             alias = str(metadata.get("ss_output_name") or name)[:MAX_NAME_CHARS]
             entries.append(LoraFile(name=name, alias=alias, relative=relative, path=str(resolved), size=size,
                                     family=family, metadata=metadata))
@@ -161,35 +150,12 @@ class LoraIndex:
 
     # -- what callers use -----------------------------------------------------------------
 
-    def files(self, refresh=False):
-        """Every LoRA file, sorted by name; the folder is walked again when the last walk
-        is older than :data:`REFRESH_SECONDS`, or when ``refresh``."""
-        now = time.monotonic()
-        with self._lock:
-            fresh = self._files is not None and not refresh and now - self._scanned < REFRESH_SECONDS
-            if fresh:
-                return self._files
-        entries, names = self._scan()
-        with self._lock:
-            self._files, self._names, self._scanned = entries, names, now
-        return entries
-
     def find(self, name):
         """The :class:`LoraFile` a prompt's ``name`` stands for; raises RunaiError."""
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS or "\x00" in name:
             raise errors.RunaiError(errors.BAD_REQUEST, "a LoRA name must be a non-empty string of at most "
                                     f"{MAX_NAME_CHARS} characters")
-        self.files()
-        with self._lock:
-            entry = self._names.get(name)
-        if entry is None:
-            # A file added since the last walk is found at once, not a few seconds later.
-            with self._lock:
-                stale = time.monotonic() - self._scanned > 1.0
-            if stale:
-                self.files(refresh=True)
-                with self._lock:
-                    entry = self._names.get(name)
+        entry = self._named(name)  # a file added since the last walk is found at once
         if isinstance(entry, list):
             raise errors.RunaiError(errors.MODEL_NOT_FOUND, f"several LoRA files are named {name!r}; name one by its "
                                     f"path: {', '.join(entry[:5])}")

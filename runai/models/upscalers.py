@@ -15,7 +15,6 @@ worker loads them (:mod:`runai.models.upscaler_load`).
 
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,29 +73,18 @@ def arch_of(path, size):
         return None
 
 
-class UpscalerIndex:
+class UpscalerIndex(walk.NamedFiles):
     """The upscaler files of one model folder; thread-safe."""
+
+    refresh_seconds = REFRESH_SECONDS
 
     def __init__(self, model_dir):
         self.model_dir = Path(os.path.realpath(model_dir))
         self._lock = threading.Lock()
-        self._described = {}  # (path, size, mtime) -> Arch or None
+        self._describe = walk.ReadOnce(arch_of)  # resolved -> (Arch or None, size)
         self._files = None
         self._names = {}
         self._scanned = 0.0
-
-    def _describe(self, resolved):
-        st = os.stat(resolved)
-        key = (str(resolved), st.st_size, st.st_mtime_ns)
-        with self._lock:
-            if key in self._described:
-                return self._described[key], st.st_size
-        arch = arch_of(resolved, st.st_size)
-        with self._lock:
-            if len(self._described) > 4096:
-                self._described.clear()
-            self._described[key] = arch
-        return arch, st.st_size
 
     def _scan(self):
         found = []
@@ -107,14 +95,10 @@ class UpscalerIndex:
                 continue
             if arch is not None:
                 found.append((path.relative_to(self.model_dir).as_posix(), resolved, arch, size))
-        stems = {}
-        for relative, *_ in found:
-            stems[Path(relative).stem] = stems.get(Path(relative).stem, 0) + 1
+        named = walk.short_names([relative for relative, *_ in found])
         entries = []
         for relative, resolved, arch, size in found:
-            stem = Path(relative).stem
-            name = stem if stems[stem] == 1 else os.path.splitext(relative)[0]
-            entries.append(UpscalerFile(name=name, relative=relative, path=str(resolved), arch=arch.name,
+            entries.append(UpscalerFile(name=named[relative], relative=relative, path=str(resolved), arch=arch.name,
                                         scale=arch.scale, size=size))
         entries.sort(key=lambda e: e.name)
         names = {}
@@ -125,33 +109,13 @@ class UpscalerIndex:
             names[entry.name] = entry
         return entries, names
 
-    def files(self, refresh=False):
-        """Every upscaler file, sorted by name; walked again when the last walk is older
-        than :data:`REFRESH_SECONDS`, or when ``refresh``."""
-        now = time.monotonic()
-        with self._lock:
-            if self._files is not None and not refresh and now - self._scanned < REFRESH_SECONDS:
-                return self._files
-        entries, names = self._scan()
-        with self._lock:
-            self._files, self._names, self._scanned = entries, names, now
-        return entries
-
     def find(self, name):
         """The :class:`UpscalerFile` named ``name``, or None; raises RunaiError for a name
         that is no name at all."""
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS or "\x00" in name:
             raise errors.RunaiError(errors.BAD_REQUEST, "an upscaler name must be a non-empty string of at most "
                                     f"{MAX_NAME_CHARS} characters")
-        self.files()
-        with self._lock:
-            entry = self._names.get(name)
-            stale = time.monotonic() - self._scanned > 1.0
-        if entry is None and stale:  # a file added since the last walk is found at once
-            self.files(refresh=True)
-            with self._lock:
-                entry = self._names.get(name)
-        return entry
+        return self._named(name)
 
 
 # index(model_dir): the :class:`UpscalerIndex` of that folder, one per folder for the process.

@@ -14,6 +14,7 @@ Torch-free: indexes walk on the reactor's thread pool or on the reactor itself.
 
 import os
 import threading
+import time
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -100,3 +101,73 @@ class PerFolder:
                     self._indexes.clear()
                 found = self._indexes[key] = self._make(key)
             return found
+
+
+class ReadOnce:
+    """What ``read(resolved, size)`` says of each file, read once per path, size and
+    modification time (at most 4096 remembered); thread-safe. Calling it gives
+    ``(what read said, size)``; ``os.stat`` errors pass through."""
+
+    def __init__(self, read):
+        self._read = read
+        self._known = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, resolved):
+        st = os.stat(resolved)
+        key = (str(resolved), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._known:
+                return self._known[key], st.st_size
+        value = self._read(resolved, st.st_size)
+        with self._lock:
+            if len(self._known) > 4096:
+                self._known.clear()
+            self._known[key] = value
+        return value, st.st_size
+
+
+def short_names(relatives):
+    """``{relative: name}``: each file (a path relative to the model folder) named by its
+    file name without extension, as A1111 names them, or, where several share that, by its
+    relative path without extension."""
+    stems = {}
+    for relative in relatives:
+        stem = Path(relative).stem
+        stems[stem] = stems.get(stem, 0) + 1
+    return {relative: Path(relative).stem if stems[Path(relative).stem] == 1 else os.path.splitext(relative)[0]
+            for relative in relatives}
+
+
+class NamedFiles:
+    """What an index of named files (LoRAs, upscalers) shares: :meth:`files` walks again
+    when the last walk is older than ``refresh_seconds`` (or when asked), and a name not
+    found walks again at once (a file added since), at most once a second. A subclass sets
+    ``self._lock``, ``self._files = None``, ``self._names = {}``, ``self._scanned = 0.0``
+    and gives ``_scan()``: ``(entries, {name: entry})``."""
+
+    refresh_seconds = 10.0
+
+    def files(self, refresh=False):
+        """Every file, sorted by name."""
+        now = time.monotonic()
+        with self._lock:
+            if self._files is not None and not refresh and now - self._scanned < self.refresh_seconds:
+                return self._files
+        entries, names = self._scan()
+        with self._lock:
+            self._files, self._names, self._scanned = entries, names, now
+        return entries
+
+    def _named(self, name):
+        """What ``name`` stands for in the names, or None; a fresh walk first if it is
+        missing and the last walk is over a second old."""
+        self.files()
+        with self._lock:
+            entry = self._names.get(name)
+            stale = time.monotonic() - self._scanned > 1.0
+        if entry is None and stale:
+            self.files(refresh=True)
+            with self._lock:
+                entry = self._names.get(name)
+        return entry

@@ -6,13 +6,10 @@ import base64
 import io
 
 from PIL import Image
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from runai.core import errors
-from runai.doors.http.api import Api
-from runai.doors.http.site import make_site
 from runai.test.test_e2e import LegacyClient, LiveServer, png_of
 from runai.test.test_flow_families import flow_models, half_mask, picture
 from runai.test.test_http import HttpTestCase, pixels
@@ -112,13 +109,8 @@ class SocketTests(LiveServer, TestCase):
 
 
 class HttpTests(HttpTestCase):
-    def setUp(self):
-        self.models = str(flow_models())
-        self.start_server(self.models)
-        self.api = Api(self.core, reactor, pool=reactor.getThreadPool(), token=self.token)
-        self.site = make_site(self.api, max_body=8 * 1024 * 1024)
-        self.http = self.listen(self.site)
-        self.base = f"http://127.0.0.1:{self.http.getHost().port}/sdapi/v1"
+    def model_dir(self):
+        return str(flow_models())
 
     @inlineCallbacks
     def test_txt2img_with_webuiapi_as_the_socket_paints_it(self):

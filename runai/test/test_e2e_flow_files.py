@@ -10,12 +10,9 @@ from pathlib import Path
 
 import webuiapi
 from PIL import Image
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 
 from runai.core import errors
-from runai.doors.http.api import Api
-from runai.doors.http.site import make_site
 from runai.models.library import ModelLibrary
 from runai.test import flow_fixtures as ff
 from runai.test.test_e2e import LegacyClient, LiveServer, png_of
@@ -116,13 +113,8 @@ class ConvertTests(LiveServer, TestCase):
 
 
 class HttpTests(HttpTestCase):
-    def setUp(self):
-        self.models = str(ff.model_folder())
-        self.start_server(self.models)
-        self.api = Api(self.core, reactor, pool=reactor.getThreadPool(), token=self.token)
-        self.site = make_site(self.api, max_body=8 * 1024 * 1024)
-        self.http = self.listen(self.site)
-        self.base = f"http://127.0.0.1:{self.http.getHost().port}/sdapi/v1"
+    def model_dir(self):
+        return str(ff.model_folder())
 
     @inlineCallbacks
     def test_sd_modules_lists_the_companions(self):

@@ -7,14 +7,11 @@ import io
 
 import webuiapi
 from PIL import Image
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai.core import errors
 from runai.core.requests import Limits
-from runai.doors.http.api import Api
-from runai.doors.http.site import make_site
 from runai.doors.legacy.parse import parse_request
 from runai.test.test_e2e import LegacyClient, LiveServer, png_of
 from runai.test.test_engine_xl import half_mask, picture, xl_models
@@ -131,13 +128,8 @@ class SocketTests(LiveServer, TestCase):
 
 
 class HttpTests(HttpTestCase):
-    def setUp(self):
-        self.models = str(xl_models())
-        self.start_server(self.models)
-        self.api = Api(self.core, reactor, pool=reactor.getThreadPool(), token=self.token)
-        self.site = make_site(self.api, max_body=8 * 1024 * 1024)
-        self.http = self.listen(self.site)
-        self.base = f"http://127.0.0.1:{self.http.getHost().port}/sdapi/v1"
+    def model_dir(self):
+        return str(xl_models())
 
     @inlineCallbacks
     def test_txt2img_with_webuiapi_as_the_socket_paints_it(self):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,8 +24,6 @@ from runai.core.hires_loras import job_loras, second_pass_loras
 from runai.core.images import EncodedImage
 from runai.core.requests import Limits
 from runai.doors.http import replies
-from runai.doors.http.api import Api
-from runai.doors.http.site import make_site
 from runai.doors.legacy.parse import parse_request
 from runai.engine.engine import Engine
 from runai.families import for_pipeline
@@ -258,12 +255,8 @@ class RequestTests(HiresLoraTestCase):
 
 
 class HttpTests(HttpTestCase):
-    def setUp(self):
-        self.models = shared()["root"]
-        self.start_server(self.models)
-        self.api = Api(self.core, reactor, pool=reactor.getThreadPool())
-        self.http = self.listen(make_site(self.api, max_body=8 * 1024 * 1024))
-        self.base = f"http://127.0.0.1:{self.http.getHost().port}/sdapi/v1"
+    def model_dir(self):
+        return shared()["root"]
 
     @inlineCallbacks
     def test_the_hires_prompt_and_both_passes_lora_hashes_in_the_infotext(self):

@@ -30,8 +30,12 @@ class HttpTestCase(LiveServer, TestCase):
     timeout = 300
     token = None
 
+    def model_dir(self):
+        """The model folder the server serves (a subclass's own)."""
+        return tiny_model_dir()
+
     def setUp(self):
-        self.models = tiny_model_dir()
+        self.models = self.model_dir()
         self.start_server(self.models)
         self.api = Api(self.core, reactor, pool=reactor.getThreadPool(), token=self.token)
         self.site = make_site(self.api, max_body=8 * 1024 * 1024)

@@ -38,6 +38,17 @@ def body_of(data):
     return json.loads(data.split(b"\r\n\r\n", 1)[1])
 
 
+def request_head(method, path, length, authorization, extra):
+    """A request's head: ``Content-Length`` and ``Authorization`` when not None, then the
+    raw header lines ``extra``."""
+    lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: x"]
+    if length is not None:
+        lines.append(b"Content-Length: %d" % length)
+    if authorization is not None:
+        lines.append(b"Authorization: " + authorization)
+    return b"\r\n".join(lines) + b"\r\n" + extra + b"\r\n"
+
+
 def strict_json(text):
     """JSON as JSON is: NaN and Infinity are not in it."""
     def refuse(name):
@@ -63,12 +74,7 @@ class SiteTestCase(SynchronousTestCase):
         return channel, transport
 
     def head(self, method=b"POST", path=b"/x", length=None, auth=TOKEN, extra=b""):
-        lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: x"]
-        if length is not None:
-            lines.append(b"Content-Length: %d" % length)
-        if auth is not None:
-            lines.append(b"Authorization: Bearer " + auth)
-        return b"\r\n".join(lines) + b"\r\n" + extra + b"\r\n"
+        return request_head(method, path, length, None if auth is None else b"Bearer " + auth, extra)
 
 
 class AuthTests(SiteTestCase):

@@ -11,15 +11,12 @@ import sys
 import tempfile
 
 import requests
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from runai.cli import main as cli
 from runai.cli import models as models_cli
 from runai.doors.http import lora_hashes
-from runai.doors.http.api import Api
-from runai.doors.http.site import make_site
 from runai.models import loras
 from runai.test import lora_fixtures as lf
 from runai.test.test_e2e import LegacyClient, LiveServer, legacy_request, png_of, tiny_model_dir
@@ -45,13 +42,8 @@ def lora_model_dir():
 
 
 class HttpLoraTests(HttpTestCase):
-    def setUp(self):
-        self.models = lora_model_dir()
-        self.start_server(self.models)
-        self.api = Api(self.core, reactor, pool=reactor.getThreadPool())
-        self.site = make_site(self.api, max_body=8 * 1024 * 1024)
-        self.http = self.listen(self.site)
-        self.base = f"http://127.0.0.1:{self.http.getHost().port}/sdapi/v1"
+    def model_dir(self):
+        return lora_model_dir()
 
     @inlineCallbacks
     def test_the_list_and_a_refresh_as_a1111_answers(self):

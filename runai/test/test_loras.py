@@ -6,7 +6,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from runai.core import errors
-from runai.models import classify, lora_keys, loras
+from runai.models import classify, lora_keys, loras, walk
 from runai.models.library import ModelLibrary
 from runai.test.lora_fixtures import write_lora_header
 
@@ -72,7 +72,7 @@ class NameTests(SynchronousTestCase):
     def test_a_new_file_is_found_without_waiting(self):
         self.resolve("style")
         write_lora_header(os.path.join(self.models, "loras", "new.safetensors"))
-        self.patch(loras.time, "monotonic", lambda: 1e12)  # the last walk is old enough to walk again
+        self.patch(walk.time, "monotonic", lambda: 1e12)  # the last walk is old enough to walk again
         self.assertEqual(self.resolve("new")[0].name, "new")
         os.remove(os.path.join(self.models, "loras", "new.safetensors"))
         loras.refresh(self.models)

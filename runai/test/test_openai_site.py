@@ -5,12 +5,13 @@ StringTransport and a Clock (no model, no worker)."""
 import base64
 import json
 
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 
 from runai.doors.openai import site
+from runai.test import test_http_site as http_site
+from runai.test.test_http_site import status
 
 TOKEN = b"an-openai-token-of-some-length"
 FIELDS = {"message", "type", "param", "code"}
@@ -32,11 +33,6 @@ class Echo(resource.Resource):
         return json.dumps({"size": size}).encode()
 
 
-def status(data):
-    """The status code of the (first) response in ``data``, or None."""
-    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
-
-
 def error_of(data):
     """The ``error`` object of an OpenAI error response, checked for its shape."""
     body = json.loads(data.split(b"\r\n\r\n", 1)[1])
@@ -44,9 +40,8 @@ def error_of(data):
     return body["error"]
 
 
-class SiteTestCase(SynchronousTestCase):
-    max_body = 100_000
-    timeout = 10.0
+class SiteTestCase(http_site.SiteTestCase):
+    """The HTTP door's site tests' set-up, on the OpenAI door's Site and its Bearer token."""
 
     def setUp(self):
         self.clock = MemoryReactorClock()
@@ -55,20 +50,9 @@ class SiteTestCase(SynchronousTestCase):
         root.putChild(b"v1", self.echo)
         self.site = site.Site(root, self.max_body, timeout=self.timeout, token=TOKEN.decode(), reactor=self.clock)
 
-    def connect(self):
-        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 12345))
-        channel.makeConnection(transport)
-        return channel, transport
-
     def head(self, method=b"POST", path=b"/v1/images/generations", length=None, auth=b"Bearer " + TOKEN,
              extra=b""):
-        lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: x"]
-        if length is not None:
-            lines.append(b"Content-Length: %d" % length)
-        if auth is not None:
-            lines.append(b"Authorization: " + auth)
-        return b"\r\n".join(lines) + b"\r\n" + extra + b"\r\n"
+        return http_site.request_head(method, path, length, auth, extra)
 
 
 class AuthTests(SiteTestCase):

@@ -10,25 +10,17 @@ import sys
 
 import requests
 from PIL import Image
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 
 from runai.cli import main as cli
 from runai.client import BlockingClient, ServerError, txt2img_request
-from runai.doors.http.api import Api
-from runai.doors.http.site import make_site
 from runai.test.prompt_fixtures import SD_WIDTH, prompt_models, vectors, write_embedding
 from runai.test.test_http import HttpTestCase
 
 
 class PromptDoorTests(HttpTestCase):
-    def setUp(self):
-        # HttpTestCase's set-up, on the prompt tests' model folder.
-        self.models = str(prompt_models())
-        self.start_server(self.models)
-        self.api = Api(self.core, reactor, pool=reactor.getThreadPool())
-        self.http = self.listen(make_site(self.api, max_body=8 * 1024 * 1024))
-        self.base = f"http://127.0.0.1:{self.http.getHost().port}/sdapi/v1"
+    def model_dir(self):
+        return str(prompt_models())
 
     def body(self, **fields):
         body = dict(prompt="a lighthouse", steps=1, width=64, height=64, seed=3,

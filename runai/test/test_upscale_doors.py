@@ -9,13 +9,10 @@ import sys
 
 import requests
 from PIL import Image
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from runai.cli import main
-from runai.doors.http.api import Api
-from runai.doors.http.site import make_site
 from runai.test.test_e2e import png_of
 from runai.test.test_http import HttpTestCase
 from runai.test.test_upscalers import b64png, picture
@@ -28,13 +25,8 @@ def size_of(b64):
 
 
 class UpscaleDoorsTests(HttpTestCase):
-    def setUp(self):
-        self.models = upscaler_model_dir()
-        self.start_server(self.models)
-        self.api = Api(self.core, reactor, pool=reactor.getThreadPool(), token=self.token)
-        self.site = make_site(self.api, max_body=8 * 1024 * 1024)
-        self.http = self.listen(self.site)
-        self.base = f"http://127.0.0.1:{self.http.getHost().port}/sdapi/v1"
+    def model_dir(self):
+        return upscaler_model_dir()
 
     @inlineCallbacks
     def test_upscalers_listed_builtins_first_without_the_servers_paths(self):
